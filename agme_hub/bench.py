@@ -392,7 +392,8 @@ def _cell_rows(model: torch.nn.Module, before: Metrics, edit: ImageSet, evalset:
     from .engine import evaluate
 
     seed = base["seed"]
-    floor_seconds, floor_images = forward_floor(model, edit, parse_trigger(trigger_spec), seed=seed)
+    floor_seconds, floor_images = forward_floor(model, edit, parse_trigger(trigger_spec), seed=seed,
+                                                copies=config.agme_options.get("augment_copies"))
     rows = []
     for name in config.defences:
         label, knowledge, repair = DEFENCES[name]
@@ -753,8 +754,16 @@ def _cell_markdown(rows: list[dict[str, Any]]) -> list[str]:
     winners = best_per_cell([a for a in aggregated if a["backdoor_ok"]])
     winners_blind = best_per_cell([a for a in aggregated if a["backdoor_ok"]], exclude_knowledge=("trigger+target",))
     body = []
+    not_learned_shown = set()
     for a in aggregated:
         key = tuple(a[k] for k in CELL)
+        if not a["backdoor_ok"]:  # one line per cell, not one per defence
+            if key not in not_learned_shown:
+                not_learned_shown.add(key)
+                body.append([a["dataset"], a["arch"], a["trigger"], str(a["per_class"]), "(all)",
+                             f"backdoor not learned: {(a['reason'] or '').replace('|', '/')[:90]}", "", "", "", "",
+                             "", ""])
+            continue
         name = f"`{a['defence']}`"
         marks = ("★" if winners.get(key) == a["defence"] else "") + ("†" if winners_blind.get(key) == a["defence"] else "")
         if marks:
@@ -770,6 +779,17 @@ def _cell_markdown(rows: list[dict[str, Any]]) -> list[str]:
                      _num(a["der"], a["der_std"]), _secs(a["seconds"]), _num(a["peak_rss_mb"], digits=0)])
     return _markdown_table(["dataset", "arch", "trigger", "img/class", "defence", "CA %", "ASR %", "TA %", "RA %",
                             "DER", "s", "peak MiB"], body)
+
+
+def _layers_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """How often cross-validation chose each layer group and lam, per arch and AGME variant."""
+    counts: dict[tuple[str, str, str, str], int] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r["defence"].startswith("agme") and r.get("backdoor_ok"):
+            key = (r["arch"], r["defence"], r.get("layers") or "-", f"{r['lam']:g}" if r.get("lam") is not None else "-")
+            counts[key] = counts.get(key, 0) + 1
+    body = [[arch, f"`{d}`", f"`{layers}`", lam, str(n)] for (arch, d, layers, lam), n in sorted(counts.items())]
+    return _markdown_table(["arch", "defence", "layers edited", "lam", "runs"], body)
 
 
 def _backdoor_markdown(backdoors: list[dict[str, Any]]) -> list[str]:
@@ -877,6 +897,8 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | os.PathLike[str], *
         "reads). Edit: the final capture + solve; total: the whole `agme_hub.clean` call, with cross-validated "
         "selection and (no-BDK) trigger inversion. Medians over triggers and seeds.", "",
         *_timing_markdown(rows), "",
+        "## Layers and lam chosen by AGME's cross-validation (on the clean budget only)", "",
+        *_layers_markdown(rows), "",
         "## Backdoored models (on the held-out evaluation images)", "",
         *_backdoor_markdown(backdoors), "",
         "## Every cell (mean ± std over seeds)", "",

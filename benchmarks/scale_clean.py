@@ -73,6 +73,10 @@ def main(
                    "lam": result.lam}
             runs.append(run)
             print(json.dumps(run), flush=True)
+            _write(out, runs, threads)  # after every run: a stopped sweep keeps what it measured
+
+
+def _write(out: Path, runs: list[dict], threads: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
            "platform": platform.platform(), "cpu_count": __import__("os").cpu_count()}
@@ -86,7 +90,6 @@ def main(
                      r["total_s"], r["edit_over_floor"], r["total_over_floor"], r["peak_mb"],
                      ", ".join(r["layers"]))) + " |")
     (out / "scale.md").write_text(f"Environment: {json.dumps(env)}\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
