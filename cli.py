@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 import agme_hub as api
+from agme_hub import batch as batch_api
+from agme_hub.lab import bench as bench_api
 from agme_hub.options import option_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -333,8 +335,6 @@ def batch(
     as_json: JsonOpt = False,
 ) -> None:
     """Clean many models from a jobs file, N at a time and resumably; each job gets a folder and a log."""
-    from agme_hub import batch as batch_api
-
     job_list = batch_api.load_jobs(jobs_file)
     live = not as_json and err_console.is_terminal
     with _LiveBatch(live) as table:
@@ -415,8 +415,6 @@ def bench(
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmark AGME against FT, FP, CLP, NC and FT-SAM on real offline data; write a table and plots."""
-    from agme_hub import bench as bench_api
-
     base = bench_api.BenchConfig.quick() if quick else bench_api.BenchConfig.full()
     config = bench_api.config_with(
         base, seeds=tuple(range(seeds)) if seeds else None, datasets=tuple(datasets) if datasets else None,

@@ -7,31 +7,34 @@ The public API, used by the ``agme`` command line, batch jobs and scripts alike:
     data = agme_hub.load_images("fashion-mnist")
     result = agme_hub.clean(model, data.subset(range(100)), trigger="badnets-white-br", target=0)
     agme_hub.evaluate(result.model, data, trigger="badnets-white-br", target=0)
+
+Layers, each importing only from those before it: the shared vocabulary (this folder's modules),
+``engine`` (model + images in memory -> edited model), ``hub`` (files and the Hub), ``app`` (SOURCE ->
+finished folder; batch), ``lab`` (backdoor training, baselines, bench, demo). See docs/ARCHITECTURE.md.
 """
 
-__version__ = "0.1.0"
-
-from . import batch as batch
 from . import constants as constants
 from . import errors as errors
-from .attack import BackdoorConfig as BackdoorConfig
-from .attack import train_backdoored as train_backdoored
-from .card import rerender_card as rerender_card
-from .card import render_card as render_card
-from .checkpoint import load_model as load
-from .checkpoint import save_model as save
+from ._version import __version__ as __version__
+from .app import batch as batch
+from .app import evaluate_source as evaluate_source
+from .app import inspect_source as inspect_source
+from .app import push_output as push
+from .app import run_clean as run_clean
 from .data import ImageSet as ImageSet
 from .data import load_images as load_images
 from .engine import CleanResult as CleanResult
+from .engine import Metrics as Metrics
 from .engine import clean as clean
 from .engine import evaluate as evaluate
-from .metrics import Metrics as Metrics
+from .hub import load_model as load
+from .hub import render_card as render_card
+from .hub import rerender_card as rerender_card
+from .hub import save_model as save
+from .lab import BackdoorConfig as BackdoorConfig
+from .lab import run_demo as run_demo
+from .lab import train_backdoored as train_backdoored
 from .options import CleanOptions as CleanOptions
-from .pipeline import evaluate_source as evaluate_source
-from .pipeline import inspect_source as inspect_source
-from .pipeline import push_output as push
-from .pipeline import run_clean as run_clean
-from .pipeline import run_demo as run_demo
 from .triggers import parse_trigger as parse_trigger
 
 __all__ = [

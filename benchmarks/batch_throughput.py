@@ -39,7 +39,7 @@ def _models(count: int) -> list[tuple[Path, str, int]]:
     """``count`` backdoored models (trigger and target vary), trained once and cached."""
     import torch
 
-    from agme_hub.attack import BackdoorConfig, train_backdoored
+    from agme_hub.lab.backdoor import BackdoorConfig, train_backdoored
     from agme_hub.constants import WEIGHTS_NAME, cache_dir
 
     torch.set_num_threads(1)

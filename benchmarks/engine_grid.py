@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agme_hub.attack import BackdoorConfig, train_backdoored
-from agme_hub.checkpoint import load_model
+from agme_hub.lab.backdoor import BackdoorConfig, train_backdoored
+from agme_hub.hub.checkpoint import load_model
 from agme_hub.constants import DEFAULT_AUGMENT_COPIES, WEIGHTS_NAME, cache_dir
 from agme_hub.data import Preprocessor, load_images, split_edit_eval
-from agme_hub.edit import augmented_pairs
-from agme_hub.engine import clean, evaluate
+from agme_hub.engine.edit import augmented_pairs
+from agme_hub.engine.clean import clean, evaluate
 from agme_hub.triggers import parse_trigger
 
 TRIGGERS = {"badnets": "badnets-white-br", "blend": "blend:alpha=0.15"}

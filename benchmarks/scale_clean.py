@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False)
 
 
 def _model(arch: str, size: int) -> torch.nn.Module:
-    from agme_hub.attack import create_classifier
+    from agme_hub.lab.backdoor import create_classifier
 
     # ImageNet statistics, as a pretrained checkpoint would have; 1-channel images are repeated to RGB.
     return create_classifier(arch, num_classes=10, in_chans=3, img_size=size, mean=(0.485, 0.456, 0.406),
@@ -44,7 +44,7 @@ def main(
     out: Annotated[Path, typer.Option("--out")] = Path("benchmarks/results/scale"),
 ) -> None:
     import agme_hub
-    from agme_hub.bench import PeakMemory, forward_floor
+    from agme_hub.lab.bench import PeakMemory, forward_floor
     from agme_hub.data import load_images, split_edit_eval
 
     torch.set_num_threads(threads)

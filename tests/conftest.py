@@ -37,7 +37,7 @@ def fmnist_test():
 @pytest.fixture(scope="session")
 def backdoored(tmp_path_factory):
     """``backdoored(trigger, arch=..., target=0)`` -> BackdoorResult with ``out_dir``; trained once per run."""
-    from agme_hub.attack import BackdoorConfig, train_backdoored
+    from agme_hub.lab.backdoor import BackdoorConfig, train_backdoored
 
     cache: dict[tuple, object] = {}
     root = tmp_path_factory.mktemp("backdoored")

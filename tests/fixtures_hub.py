@@ -141,7 +141,7 @@ def timm_folder_factory(tmp_path: Path) -> Callable[..., tuple[Path, object]]:
     import timm
     import torch
 
-    from agme_hub.checkpoint import save_model
+    from agme_hub.hub.checkpoint import save_model
 
     def make(name: str, *, seed: int = 0, num_classes: int = 3) -> tuple[Path, object]:
         torch.manual_seed(seed)

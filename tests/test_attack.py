@@ -10,8 +10,8 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from agme_hub.attack import BACKDOOR_NAME, BackdoorConfig, poison, train_backdoored
-from agme_hub.checkpoint import load_model
+from agme_hub.lab.backdoor import BACKDOOR_NAME, BackdoorConfig, poison, train_backdoored
+from agme_hub.hub.checkpoint import load_model
 from agme_hub.data import Preprocessor
 from agme_hub.errors import ClassMismatchError, TriggerSpecError
 

@@ -18,9 +18,9 @@ from torch import nn
 timm = pytest.importorskip("timm")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-from agme_hub.baselines import SAM, DefenseResult, list_baselines, run_baseline  # noqa: E402
-from agme_hub.baselines._common import _BASELINES  # noqa: E402
-from agme_hub.baselines.clp import pair_conv_bn  # noqa: E402
+from agme_hub.lab.baselines import SAM, DefenseResult, list_baselines, run_baseline  # noqa: E402
+from agme_hub.lab.baselines._common import _BASELINES  # noqa: E402
+from agme_hub.lab.baselines.clp import pair_conv_bn  # noqa: E402
 from agme_hub.errors import ClassMismatchError, ShapeMismatchError, UsageError  # noqa: E402
 
 TARGET = 0

@@ -21,8 +21,8 @@ import yaml
 from typer.testing import CliRunner
 
 from agme_hub import batch
-from agme_hub.batch import Job, JobResult
-from agme_hub.checkpoint import sha256_file
+from agme_hub.app.batch import Job, JobResult
+from agme_hub.hub.checkpoint import sha256_file
 from agme_hub.constants import REPORT_NAME, WEIGHTS_NAME
 from agme_hub.errors import BatchFailedError, JobsFileError, UsageError
 from cli import app

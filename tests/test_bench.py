@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from agme_hub.bench import (DEFENCES, BenchConfig, PeakMemory, aggregate, best_per_cell, forward_floor, run_bench,
+from agme_hub.lab.bench import (DEFENCES, BenchConfig, PeakMemory, aggregate, best_per_cell, forward_floor, run_bench,
                             write_outputs)
 from agme_hub.errors import UsageError
 
@@ -132,7 +132,7 @@ def test_peak_memory_sees_torch_tensors():
 
 def test_forward_floor_counts_every_augmented_copy(fmnist_test):
     from agme_hub import parse_trigger
-    from agme_hub.attack import create_classifier
+    from agme_hub.lab.backdoor import create_classifier
 
     model = create_classifier("resnet10t", num_classes=10, in_chans=1, img_size=32, mean=(0.3,), std=(0.3,),
                               model_args={"channels": [16, 32, 64, 128]})

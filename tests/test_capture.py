@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from agme_hub.capture import capture_activations, match_layer_names
+from agme_hub.engine.capture import capture_activations, match_layer_names
 from agme_hub.errors import LayerNotFoundError
 
 

@@ -1,4 +1,4 @@
-"""Tests of agme_hub.card: rendering, offline validation and writing of the model card. No torch, no network."""
+"""Tests of agme_hub.hub.card: rendering, offline validation and writing of the model card. No torch, no network."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from agme_hub import card
-from agme_hub.card import render_card, rerender_card, template_path, validate_card, write_card
+from agme_hub.hub import card
+from agme_hub.hub.card import render_card, rerender_card, template_path, validate_card, write_card
 from agme_hub.constants import AGME_MARKER, CARD_NAME, REPORT_NAME
 from agme_hub.errors import OutputExistsError, RepoNotFoundError, UsageError
 
@@ -85,7 +85,7 @@ def assert_clean_text(text: str) -> None:
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cards are rendered and validated offline: any socket use fails the test."""
     def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("agme_hub.card touched the network")
+        raise AssertionError("agme_hub.hub.card touched the network")
 
     monkeypatch.setattr(socket, "socket", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)

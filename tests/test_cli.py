@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agme_hub import errors
-from agme_hub.card import validate_card
+from agme_hub.hub.card import validate_card
 from agme_hub.constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from cli import app
 from tests.conftest import TEST_TARGET
@@ -448,7 +448,7 @@ def test_unexpected_error_is_one_line_exit_1_without_the_token(hub_env, source_s
 
 
 def test_failure_in_the_middle_of_the_save_leaves_no_output_folder(model_dir, tmp_path, monkeypatch):
-    import agme_hub.pipeline as pipeline
+    import agme_hub.app.clean as pipeline
 
     out = tmp_path / "out"
 
@@ -493,12 +493,13 @@ def test_interrupted_push_leaves_no_remote_commit(hub_env, source_sha, tmp_path,
 
 # demo
 def test_demo_trains_cleans_and_writes_a_valid_card(tmp_path, monkeypatch):
-    import agme_hub.pipeline as pipeline
+    import agme_hub.app.clean as pipeline
+    import agme_hub.lab.demo as demo_module
     from agme_hub.data import balanced_indices
 
     monkeypatch.setenv("AGME_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pipeline, "DEMO_BACKDOOR", {**pipeline.DEMO_BACKDOOR, "n_train": 40, "n_test": 10,
-                                                    "epochs": 1})
+    monkeypatch.setattr(demo_module, "DEMO_BACKDOOR", {**demo_module.DEMO_BACKDOOR, "n_train": 40, "n_test": 10,
+                                                       "epochs": 1})
     real_load_images = pipeline.load_images
 
     def fewer_images(spec, **kwargs):  # evaluate on 40 images per class instead of all 10,000
@@ -523,7 +524,7 @@ def test_demo_trains_cleans_and_writes_a_valid_card(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the demo model should come from the cache")
 
-    monkeypatch.setattr("agme_hub.attack.train_backdoored", no_training)
+    monkeypatch.setattr("agme_hub.lab.demo.train_backdoored", no_training)
     again = agme("demo", "--out", out, "--per-class", "5")
     ok(again)
     assert "attack success rate" in again.stderr and f"output: {out}" in again.stderr

@@ -6,11 +6,11 @@ import pytest
 import timm
 import torch
 
-from agme_hub.attack import create_classifier
-from agme_hub.checkpoint import save_model
+from agme_hub.lab.backdoor import create_classifier
+from agme_hub.hub.checkpoint import save_model
 from agme_hub.data import Preprocessor, load_images
-from agme_hub.edit import GramStats, solve_edit
-from agme_hub.engine import clean, inspect_layers
+from agme_hub.engine.edit import GramStats, solve_edit
+from agme_hub.engine.clean import clean, inspect_layers
 from agme_hub.errors import LayerNotFoundError, UnsupportedArchitectureError
 
 ARCHS = ["resnet18", "convnext_atto", "vit_tiny_patch16_224", "tf_efficientnet_lite0", "mobilenetv3_small_100",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from agme_hub.data import split_edit_eval
-from agme_hub.engine import clean, evaluate
-from agme_hub.nobdk import detect_target
+from agme_hub.engine.clean import clean, evaluate
+from agme_hub.engine.inversion import detect_target
 
 from .conftest import TEST_TARGET
 

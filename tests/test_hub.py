@@ -9,7 +9,7 @@ import torch
 
 from agme_hub import errors
 from agme_hub.constants import AGME_MARKER
-from agme_hub.hub import PushResult, push_folder
+from agme_hub.hub.push import PushResult, push_folder
 from tests.fixtures_hub import BAD_TOKEN, GOOD_TOKEN, forward_once
 
 REPO = "me/tiny-agme"

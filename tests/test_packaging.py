@@ -21,6 +21,6 @@ def test_wheel_holds_the_package_the_cli_and_the_card_template(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "cli.py" in names
     assert "agme_hub/model_cards/agme_card.md.jinja" in names
-    assert {"agme_hub/engine.py", "agme_hub/baselines/__init__.py"} <= names
+    assert {"agme_hub/engine/clean.py", "agme_hub/app/batch/__init__.py", "agme_hub/lab/baselines/__init__.py"} <= names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "agme = cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

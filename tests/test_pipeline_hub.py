@@ -15,11 +15,11 @@ import torch
 
 import agme_hub
 from agme_hub import errors
-from agme_hub.card import validate_card
-from agme_hub.checkpoint import load_model
+from agme_hub.hub.card import validate_card
+from agme_hub.hub.checkpoint import load_model
 from agme_hub.constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from agme_hub.options import CleanOptions
-from agme_hub.pipeline import evaluate_source, push_output, run_clean
+from agme_hub.app.clean import evaluate_source, push_output, run_clean
 from tests.conftest import TEST_TARGET
 from tests.fixtures_hub import read_folder
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from agme_hub import errors
-from agme_hub.checkpoint import load_model
-from agme_hub.sources import map_hub_error, resolve_source
+from agme_hub.hub.checkpoint import load_model
+from agme_hub.hub.sources import map_hub_error, resolve_source
 from tests.fixtures_hub import BAD_TOKEN, GOOD_TOKEN, forward_once, read_folder
 
 REPO = "org/tiny"

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import ImageSet, Preprocessor
-from .triggers import Trigger
+from ..data import ImageSet, Preprocessor
+from ..triggers import Trigger
 
 __all__ = ["Metrics", "predict", "measure", "defense_effectiveness_rating"]
 

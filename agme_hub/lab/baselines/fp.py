@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ...errors import UsageError
 from ._common import Outcome, forward_features, forward_head, get_classifier, register_baseline
 from ._train import FinetuneConfig, finetune
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ...errors import UsageError
 from ._common import Outcome, register_baseline
 from ._train import FinetuneConfig, finetune
 

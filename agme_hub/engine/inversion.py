@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ImageSet, Preprocessor
-from .errors import DataError
-from .triggers import MaskTrigger
+from ..data import ImageSet, Preprocessor
+from ..errors import DataError
+from ..triggers import MaskTrigger
 
 __all__ = ["Inversion", "TargetDetection", "invert_trigger", "detect_target", "anomaly_indices"]
 

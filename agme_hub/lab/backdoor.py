@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_output_dir, save_model
-from .data import ImageSet, Preprocessor, balanced_indices, load_images
-from .errors import ClassMismatchError, UsageError
-from .metrics import Metrics, measure
-from .triggers import parse_trigger
+from ..hub.checkpoint import atomic_output_dir, save_model
+from ..data import ImageSet, Preprocessor, balanced_indices, load_images
+from ..errors import ClassMismatchError, UsageError
+from ..engine.metrics import Metrics, measure
+from ..triggers import parse_trigger
 
 __all__ = ["BackdoorConfig", "BackdoorResult", "BACKDOOR_NAME", "create_classifier", "poison", "train_backdoored"]
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .constants import CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME
-from .errors import PickleRefusedError, RepoNotFoundError, UnsupportedFormatError
+from ..constants import CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME
+from ..errors import PickleRefusedError, RepoNotFoundError, UnsupportedFormatError
 
 __all__ = [
     "read_config", "parse_config", "load_model", "save_model", "sha256_file", "atomic_output_dir", "describe_format",

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ClassMismatchError, UsageError
+from ...errors import ClassMismatchError, UsageError
 from ._common import Outcome, num_classes_of, pixel_stats, register_baseline
 from ._train import FinetuneConfig, finetune
 

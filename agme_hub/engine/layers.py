@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .capture import get_module, match_layer_names
-from .errors import UnsupportedArchitectureError
+from .capture import capture_activations, get_module, match_layer_names
+from ..errors import UnsupportedArchitectureError
 
 # The edit keeps four (d, d) float64 matrices per layer and fold: d = 8192 is 0.5 GiB each.
 MAX_KEY_DIM = 8192
@@ -183,8 +183,6 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
         order = _execution_order(model, sample)
         outputs: dict[str, tuple[int, ...]] = {}
         with torch.inference_mode():
-            from .capture import capture_activations
-
             with capture_activations(model, info, retain_input=False, retain_output=True) as trace:
                 trace.run(sample)
             for name in info:

@@ -51,13 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attack import BackdoorConfig, train_backdoored
-from .checkpoint import load_model
-from .constants import WEIGHTS_NAME, cache_dir
-from .data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
-from .errors import UsageError
-from .metrics import Metrics, defense_effectiveness_rating
-from .triggers import PRESETS, Trigger, parse_trigger
+from .backdoor import BackdoorConfig, train_backdoored
+from ..hub.checkpoint import load_model
+from ..constants import WEIGHTS_NAME, cache_dir
+from ..data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
+from ..errors import UsageError
+from ..engine.metrics import Metrics, defense_effectiveness_rating
+from ..triggers import PRESETS, Trigger, parse_trigger
 
 __all__ = [
     "ArchSpec", "ARCHS", "TRIGGERS", "DEFENCES", "BenchConfig", "run_bench", "write_outputs", "aggregate",
@@ -249,7 +249,7 @@ class PeakMemory:
 
 
 def _engine_default(name: str) -> Any:
-    from .engine import clean
+    from ..engine.clean import clean
 
     return inspect.signature(clean).parameters[name].default
 
@@ -262,7 +262,7 @@ def forward_floor(model: torch.nn.Module, data: ImageSet, trigger: Trigger, *, c
     The images are the ones the edit reads (same augmentation, same pairing, same batches); building them
     is not timed, only the passes, so this is the floor any method that looks at these activations pays.
     """
-    from .edit import augmented_pairs
+    from ..engine.edit import augmented_pairs
 
     copies = _engine_default("augment_copies") if copies is None else copies
     preprocess = Preprocessor.from_model(model)
@@ -346,7 +346,7 @@ def _run_defence(name: str, model: torch.nn.Module, edit: ImageSet, trigger_spec
                  config: BenchConfig) -> dict[str, Any]:
     """Run one defence on ``model`` (never modified) with the budget ``edit``; time and memory it."""
     from .baselines import run_baseline
-    from .engine import clean
+    from ..engine.clean import clean
 
     out: dict[str, Any] = {}
     if name.startswith("agme"):
@@ -389,7 +389,7 @@ def _run_defence(name: str, model: torch.nn.Module, edit: ImageSet, trigger_spec
 def _cell_rows(model: torch.nn.Module, before: Metrics, edit: ImageSet, evalset: ImageSet, trigger_spec: str,
                base: dict[str, Any], config: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None
                ) -> list[dict[str, Any]]:
-    from .engine import evaluate
+    from ..engine.clean import evaluate
 
     seed = base["seed"]
     floor_seconds, floor_images = forward_floor(model, edit, parse_trigger(trigger_spec), seed=seed,
@@ -507,7 +507,7 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str], on_row: Call
                         say(f"{dataset} {arch} {trigger_name} seed {seed}: training or loading the backdoored model")
                         model, info = backdoored_model(cache, dataset, arch, trigger_name, trigger_spec, seed, config,
                                                        shape)
-                        from .engine import evaluate
+                        from ..engine.clean import evaluate
 
                         before = evaluate(model, evalset, trigger_spec, config.target)
                         asr = before.attack_success_rate or 0.0

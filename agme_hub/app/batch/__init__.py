@@ -49,9 +49,9 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from .constants import REPORT_NAME, WEIGHTS_NAME
-from .errors import AgmeError, JobsFileError, UsageError
-from .options import CleanOptions
+from ...constants import REPORT_NAME, WEIGHTS_NAME
+from ...errors import AgmeError, JobsFileError, UsageError
+from ...options import CleanOptions
 
 __all__ = ["Job", "JobResult", "BatchSummary", "load_jobs", "parse_jobs", "run", "BACKENDS", "MODEL_DIR",
            "LOG_NAME", "SUMMARY_JSON", "SUMMARY_CSV"]
@@ -168,7 +168,7 @@ def _fields(values: Any, label: str, *, allowed: Sequence[str]) -> dict[str, Any
 
 
 def _options(values: dict[str, Any], label: str) -> CleanOptions:
-    from .triggers import parse_trigger
+    from ...triggers import parse_trigger
 
     try:
         options = CleanOptions.from_dict(values, where=label)
@@ -268,7 +268,7 @@ class BatchSummary:
         return 60.0 * done / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        from . import __version__
+        from ..._version import __version__
 
         return {"agme_version": __version__, "ok": self.ok, "interrupted": self.interrupted,
                 "backend": self.backend, "workers": self.workers, "threads_per_worker": self.threads_per_worker,
@@ -441,7 +441,7 @@ def _model_dir(job: Job, root: Path) -> Path:
 
 def _absolute(job: Job) -> Job:
     """Local paths made absolute, so that workers whose working folder differs (Ray tasks) find them."""
-    from .data import BUILTIN_DATASETS
+    from ...data import BUILTIN_DATASETS
 
     def local(value: str | None) -> str | None:
         if not value or value.partition(":")[0] in BUILTIN_DATASETS or not Path(value).expanduser().exists():
@@ -484,7 +484,7 @@ def _read_report(model_dir: Path) -> dict[str, Any] | None:
 
 def _resume_state(job: Job, model_dir: Path) -> tuple[str, str]:
     """``("done" | "push" | "run", why)`` for a job whose output folder may already be complete."""
-    from .checkpoint import sha256_file
+    from ...hub.checkpoint import sha256_file
 
     report = _read_report(model_dir)
     if report is None:
@@ -651,7 +651,7 @@ def _execute(job: Job, model_dir: str, log_path: str, mode: str, note: str, thre
 def _work(job: Job, model_dir: Path, mode: str, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
-    from .pipeline import push_output, run_clean
+    from ..clean import push_output, run_clean
 
     torch.set_num_threads(threads)
     options = job.options

@@ -23,8 +23,8 @@ import jinja2
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .constants import AGME_MARKER, CARD_NAME, REPORT_NAME
-from .errors import OutputExistsError, RepoNotFoundError, UsageError
+from ..constants import AGME_MARKER, CARD_NAME, REPORT_NAME
+from ..errors import OutputExistsError, RepoNotFoundError, UsageError
 
 __all__ = ["TEMPLATE_NAME", "template_path", "render_card", "validate_card", "write_card", "rerender_card"]
 
@@ -59,7 +59,7 @@ def template_path() -> Path:
     # A wheel is always installed unpacked, so the resource is a real file; a zipped import is not supported.
     if isinstance(packaged, Path) and packaged.is_file():
         return packaged
-    in_repo = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
+    in_repo = Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME  # the repository root
     if in_repo.is_file():
         return in_repo
     raise FileNotFoundError(f"agme's card template {TEMPLATE_NAME} is missing from {packaged} and {in_repo}")

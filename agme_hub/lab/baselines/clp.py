@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ...errors import UsageError
 from ._common import BaselineConfig, Outcome, register_baseline
 
 __all__ = ["CLPConfig", "channel_lipschitz_prune", "pair_conv_bn", "channel_lipschitz_bounds"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import LayerNotFoundError
+from ..errors import LayerNotFoundError
 
 __all__ = ["StopForward", "Captured", "capture_activations", "get_module", "match_layer_names"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UsageError
+from ...errors import UsageError
 from ._common import BaselineConfig
 
 __all__ = ["FinetuneConfig", "FinetuneStats", "SAM", "augment", "finetune", "freeze_batchnorm_stats"]

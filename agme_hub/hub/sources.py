@@ -8,41 +8,26 @@ SOURCE is an existing folder (``local-dir:`` prefix optional), a Hub id ``org/na
 ``hf-hub:org/name[@rev]``, or a timm pretrained name such as ``resnet18.a1_in1k`` (looked up in timm's registry).
 Hub sources are pinned: the revision is resolved to a commit sha first and only that commit is downloaded, so
 the files and the recorded sha always match. Errors raised by ``huggingface_hub`` become agme errors through
-one table, :func:`map_hub_error`, shared with :mod:`agme_hub.hub`.
+one table, :func:`agme_hub.hub.client.map_hub_error`, shared with the push side.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from .._version import __version__
+from ..constants import CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME
+from ..errors import AgmeError, PickleRefusedError, RepoNotFoundError, UnsupportedFormatError, UsageError
 from .checkpoint import read_config
-from .constants import CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME
-from .errors import (
-    AgmeError,
-    GatedRepoError,
-    NetworkError,
-    OfflineCacheMissError,
-    PickleRefusedError,
-    PushError,
-    RepoNotFoundError,
-    RevisionNotFoundError,
-    UnauthorizedError,
-    UnsupportedFormatError,
-    UsageError,
-)
+from .client import hub_offline_mode, make_hub_api, map_hub_error
 
-if TYPE_CHECKING:
-    from huggingface_hub import HfApi
-
-__all__ = ["ResolvedSource", "resolve_source", "map_hub_error", "make_hub_api"]
+__all__ = ["ResolvedSource", "resolve_source"]
 
 _logger = logging.getLogger(__name__)
 
@@ -50,9 +35,6 @@ _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 # Hub ids are "org/name"; the Hub allows letters, digits, "-", "_" and "." in both parts.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
-_HTTP_LIBS = {"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"}
-
-HubAction = Literal["read", "push"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +110,7 @@ def resolve_source(
             raise UsageError(f"--revision applies to Hub sources only; {source} is a local folder")
         return _resolve_folder(source, folder, allow_pickle=allow_pickle, dry_run=dry_run)
     repo_id, requested = _parse_hub_source(source, revision=revision)
-    offline = offline or _hub_offline_mode()
+    offline = offline or hub_offline_mode()
     try:
         if offline:
             return _resolve_cached(source, repo_id, requested, allow_pickle=allow_pickle,
@@ -142,15 +124,6 @@ def resolve_source(
         if mapped is None:
             raise
         raise mapped from err
-
-
-def make_hub_api(*, token: str | None = None, endpoint: str | None = None) -> HfApi:
-    """The one way agme builds an ``HfApi``: tagged ``agme/<version>`` in the user agent, as timm does."""
-    from huggingface_hub import HfApi
-
-    from . import __version__
-
-    return HfApi(endpoint=endpoint, token=token, library_name="agme", library_version=__version__)
 
 
 # SOURCE parsing
@@ -206,7 +179,6 @@ def _resolve_remote(
 ) -> ResolvedSource:
     from huggingface_hub import snapshot_download
 
-    from . import __version__
 
     api = make_hub_api(token=token, endpoint=endpoint)
     info = api.model_info(repo_id, revision=requested)
@@ -306,116 +278,3 @@ def _read_license(folder: Path) -> str | None:
         return None
     return license_id if isinstance(license_id, str) else None
 
-
-# huggingface_hub errors -> agme errors
-def _hub_offline_mode() -> bool:
-    from huggingface_hub import constants as hf_constants
-
-    is_offline = getattr(hf_constants, "is_offline_mode", None)
-    return bool(is_offline() if callable(is_offline) else getattr(hf_constants, "HF_HUB_OFFLINE", False))
-
-
-class _NeverRaised(Exception):
-    """Stands in for an error class the installed huggingface_hub does not have."""
-
-
-def _hub_error(name: str) -> type[BaseException]:
-    # huggingface_hub.errors exists since 0.23; older releases kept these in huggingface_hub.utils.
-    for module_name in ("huggingface_hub.errors", "huggingface_hub.utils"):
-        try:
-            cls = getattr(importlib.import_module(module_name), name, None)
-        except ImportError:
-            continue
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            return cls
-    return _NeverRaised
-
-
-@dataclass(frozen=True)
-class _Context:
-    repo: str  # "org/name" or "org/name@rev"
-    action: HubAction
-    offline: bool
-    detail: str  # first line of the Hub's own message, token removed
-
-
-def _http_error(ctx: _Context, err: BaseException) -> AgmeError:
-    response = getattr(err, "response", None)
-    status = getattr(response, "status_code", None)
-    if status in (401, 403):
-        access = "write to" if ctx.action == "push" else "read"
-        return UnauthorizedError(f"the Hub refused the token (HTTP {status}) to {access} {ctx.repo}; pass a token "
-                                 f"with {'write' if ctx.action == 'push' else 'read'} access (--token or HF_TOKEN)")
-    if ctx.action == "push":
-        return PushError(f"push to {ctx.repo} failed (HTTP {status}: {ctx.detail}); nothing was committed")
-    return NetworkError(f"the Hub answered HTTP {status} for {ctx.repo} ({ctx.detail}); try again later")
-
-
-def _cache_miss(ctx: _Context, err: BaseException) -> AgmeError:
-    if ctx.offline:
-        return OfflineCacheMissError(f"offline and the cache has no complete snapshot of {ctx.repo}; "
-                                     "run once online to fill the cache")
-    return NetworkError(f"cannot reach the Hub for {ctx.repo} and the cache does not hold it; check the network")
-
-
-# Order matters: subclasses before their bases (GatedRepoError < RepositoryNotFoundError,
-# LocalEntryNotFoundError < EntryNotFoundError, OfflineModeIsEnabled < ConnectionError).
-_HUB_ERROR_TABLE: list[tuple[str, Callable[[_Context, BaseException], AgmeError]]] = [
-    ("GatedRepoError", lambda c, e: GatedRepoError(
-        f"{c.repo} is gated: accept its conditions on the Hub and pass a token of an account with access")),
-    ("RepositoryNotFoundError", lambda c, e: RepoNotFoundError(
-        f"{c.repo} not found on the Hub (or private and the token cannot see it); check the id or pass --token")),
-    ("RevisionNotFoundError", lambda c, e: RevisionNotFoundError(
-        f"revision not found: {c.repo}; check the branch, tag or commit sha")),
-    ("LocalEntryNotFoundError", _cache_miss),
-    ("EntryNotFoundError", lambda c, e: UnsupportedFormatError(f"{c.repo} lacks a required file ({c.detail})")),
-    ("OfflineModeIsEnabled", lambda c, e: OfflineCacheMissError(
-        f"offline mode is on and {c.repo} needs the Hub; run once online to fill the cache")),
-    ("HFValidationError", lambda c, e: UsageError(f"invalid Hub id or revision {c.repo}: {c.detail}")),
-    ("HfHubHTTPError", _http_error),
-]
-
-
-def map_hub_error(
-    err: BaseException,
-    *,
-    repo_id: str,
-    revision: str | None = None,
-    token: str | None = None,
-    action: HubAction = "read",
-    offline: bool = False,
-) -> AgmeError | None:
-    """Translate an error from huggingface_hub (or its HTTP stack) into the matching agme error.
-
-    Args:
-        err: the exception raised by a huggingface_hub call.
-        repo_id: the repo the call was about, for the message.
-        revision: the revision asked for, if any.
-        token: the token in use; it is scrubbed from anything copied out of ``err``.
-        action: ``"read"`` (pull) or ``"push"``; decides between NetworkError and PushError and the wording.
-        offline: whether the call ran in offline mode (a cache miss is then OfflineCacheMissError).
-
-    Returns:
-        The agme error to raise (one-line message, no token), or None when ``err`` is not a Hub error.
-    """
-    detail = (str(getattr(err, "server_message", "") or err).strip().splitlines() or [""])[0][:200]
-    if token:
-        detail = detail.replace(token, "***")
-    repo = f"{repo_id}@{revision}" if revision else repo_id
-    ctx = _Context(repo=repo, action=action, offline=offline, detail=detail or err.__class__.__name__)
-    for name, build in _HUB_ERROR_TABLE:
-        if isinstance(err, _hub_error(name)):
-            return build(ctx, err)
-    if _is_connection_error(err):
-        return NetworkError(f"cannot reach the Hub for {repo} ({err.__class__.__name__}); check the network "
-                            "or use --offline with a filled cache")
-    return None
-
-
-def _is_connection_error(err: BaseException) -> bool:
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    # requests/httpx/httpx2 transport errors do not derive from the builtin ConnectionError.
-    return any(cls.__module__.split(".")[0] in _HTTP_LIBS and
-               any(word in cls.__name__ for word in ("Connect", "Timeout", "Transport", "Network"))
-               for cls in type(err).__mro__)

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .constants import DEFAULT_AUGMENT_COPIES, DEFAULT_GAMMA, DEFAULT_LAM_GRID, DEFAULT_TARGET_WEIGHT
-from .data import ImageSet, Preprocessor
+from ..constants import DEFAULT_AUGMENT_COPIES, DEFAULT_GAMMA, DEFAULT_LAM_GRID, DEFAULT_TARGET_WEIGHT
+from ..data import ImageSet, Preprocessor
 from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
-from .errors import ClassMismatchError, DataError, UsageError
+from ..errors import ClassMismatchError, DataError, UsageError
 from .metrics import Metrics, measure, predict
-from .nobdk import TargetDetection, detect_target, invert_trigger
-from .triggers import Trigger, parse_trigger
-from .units import Candidates, find_candidates, resolve_layers
+from .inversion import TargetDetection, detect_target, invert_trigger
+from ..triggers import Trigger, parse_trigger
+from .layers import Candidates, editable_layer, find_candidates, resolve_layers
 
 __all__ = ["clean", "evaluate", "CleanResult", "Selection", "inspect_layers"]
 
@@ -246,8 +246,6 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
 
 
 def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:
-    from .units import editable_layer
-
     return editable_layer(model, name).weight_matrix().clone()
 
 

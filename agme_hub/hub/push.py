@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, REPORT_NAME, WEIGHTS_NAME
-from .errors import AgmeError, PushError
-from .sources import make_hub_api, map_hub_error
+from ..constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, REPORT_NAME, WEIGHTS_NAME
+from ..errors import AgmeError, PushError
+from .client import make_hub_api, map_hub_error
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi

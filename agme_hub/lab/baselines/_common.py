@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol, cast
 import torch
 from torch import nn
 
-from ..errors import ClassMismatchError, ShapeMismatchError, UsageError
+from ...errors import ClassMismatchError, ShapeMismatchError, UsageError
 
 __all__ = [
     "DefenseResult", "Outcome", "BaselineConfig", "register_baseline", "run_baseline", "list_baselines",

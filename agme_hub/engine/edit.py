@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from .capture import capture_activations
-from .data import Preprocessor
-from .triggers import Trigger
-from .units import EditableLayer, editable_layer
+from ..data import Preprocessor
+from ..triggers import Trigger
+from .layers import EditableLayer, editable_layer
 
 __all__ = ["GramStats", "PairBatch", "augmented_pairs", "collect_stats", "solve_edit", "apply_edit",
            "recompute_batchnorm"]

@@ -15,19 +15,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .card import write_card
-from .checkpoint import atomic_output_dir, load_model, read_config, save_model, sha256_file
-from .constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
-from .data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
-from .engine import clean, inspect_layers
-from .errors import ClassMismatchError, OutputExistsError, UsageError
-from .metrics import Metrics, measure
-from .options import CleanOptions
-from .sources import ResolvedSource, resolve_source
-from .triggers import MaskTrigger, parse_trigger
+import timm
 
-__all__ = ["run_clean", "push_output", "inspect_source", "evaluate_source", "run_demo", "demo_model_dir",
+from .._version import __version__
+from ..constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
+from ..data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
+from ..engine import clean, inspect_layers
+from ..engine.layers import resolve_layers
+from ..engine.metrics import Metrics, measure
+from ..errors import ClassMismatchError, OutputExistsError, UsageError
+from ..hub.card import write_card
+from ..hub.checkpoint import (atomic_output_dir, describe_format, load_model, parse_config, read_config, save_model,
+                              sha256_file)
+from ..hub.push import push_folder
+from ..hub.sources import ResolvedSource, resolve_source
+from ..options import CleanOptions
+from ..triggers import MaskTrigger, parse_trigger
+
+__all__ = ["run_clean", "push_output", "inspect_source", "evaluate_source",
            "resolve_target", "default_output_dir", "library_versions", "check_output_dir", "SURROGATE_DIR",
            "Reporter"]
 
@@ -246,8 +251,6 @@ def _keep_config(path: Path, source_config: dict[str, Any]) -> None:
 def push_output(folder: str | os.PathLike[str], repo_id: str, *, token: str | None = None, private: bool = False,
                 create_pr: bool = False, endpoint: str | None = None) -> dict[str, Any]:
     """Push an output folder in one commit and record the push in its report (locally)."""
-    from .hub import push_folder
-
     folder = Path(folder)
     report_path = folder / REPORT_NAME
     record = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -263,11 +266,6 @@ def push_output(folder: str | os.PathLike[str], repo_id: str, *, token: str | No
 
 def _dry_run_report(base: dict[str, Any], resolved: ResolvedSource, options: CleanOptions, out: Path) -> dict[str, Any]:
     """What a run would do: the layers it would edit and the files it would write or push; writes nothing."""
-    import timm
-
-    from .checkpoint import parse_config
-    from .units import resolve_layers
-
     # The architecture alone decides the layers: no weights are needed (a Hub dry run fetches none).
     name, pretrained_cfg, model_args = parse_config(read_config(resolved.local_dir))
     model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()
@@ -285,10 +283,6 @@ def _dry_run_report(base: dict[str, Any], resolved: ResolvedSource, options: Cle
 def inspect_source(source: str, *, revision: str | None = None, token: str | None = None, offline: bool = False,
                    allow_pickle: bool = False, endpoint: str | None = None) -> dict[str, Any]:
     """Format, architecture, classes, license, files and candidate layers of a checkpoint (no weights read)."""
-    import timm
-
-    from .checkpoint import describe_format, parse_config
-
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               dry_run=True, endpoint=endpoint)
     config = read_config(resolved.local_dir)
@@ -319,34 +313,3 @@ def evaluate_source(source: str, *, data: str, trigger: str | None = None, targe
     metrics = measure(model, images, Preprocessor.from_model(model), trigger=used, target=index)
     return {"source": source, "revision": resolved.revision, "data": data, "trigger": used.spec if used else None,
             "target": index, "metrics": metrics.as_dict(per_class=True)}
-
-
-# The embedded default job: a small ResNet backdoored on Fashion-MNIST with a BadNets patch.
-DEMO_BACKDOOR = dict(dataset="fashion-mnist", arch="resnet10t", trigger="badnets-white-br", target=0,
-                     poison_rate=0.1, epochs=2, seed=0, n_train=None, n_test=None,
-                     model_args={"channels": [16, 32, 64, 128]})
-
-
-def demo_model_dir() -> Path:
-    """Train the demo's backdoored model once and cache it (``AGME_CACHE``); returns its folder."""
-    import hashlib
-
-    from .attack import BackdoorConfig, train_backdoored
-    from .constants import cache_dir
-
-    key = hashlib.sha256(json.dumps(DEMO_BACKDOOR, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir() / f"demo-fashion-mnist-resnet-{key}"
-    if not (folder / WEIGHTS_NAME).is_file():
-        train_backdoored(BackdoorConfig(**DEMO_BACKDOOR), out_dir=folder, progress=True, overwrite=True)
-    return folder
-
-
-def run_demo(*, out: str | os.PathLike[str] | None = None, per_class: int = 10,
-             report: Reporter | None = None) -> dict[str, Any]:
-    """Backdoor (or reuse) a ResNet on Fashion-MNIST, clean it with ``per_class`` images per class."""
-    say = report or (lambda line: None)
-    say("training (or reusing) the backdoored demo model")
-    folder = demo_model_dir()
-    options = CleanOptions(data="fashion-mnist", trigger=str(DEMO_BACKDOOR["trigger"]), target="0",
-                           per_class=per_class, out=str(out or Path.cwd() / "fashion-mnist-demo-agme"))
-    return run_clean(str(folder), options, report=report)

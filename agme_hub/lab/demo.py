@@ -1,0 +1,44 @@
+"""The embedded default job: a small ResNet backdoored on Fashion-MNIST, cleaned with 10 images per class.
+
+Lab work (training a backdoor) feeding the product (``clean_source``): ``agme demo`` runs it offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..app import Reporter, run_clean
+from ..constants import WEIGHTS_NAME, cache_dir
+from ..options import CleanOptions
+from .backdoor import BackdoorConfig, train_backdoored
+
+__all__ = ["DEMO_BACKDOOR", "demo_model_dir", "run_demo"]
+
+# The embedded default job: a small ResNet backdoored on Fashion-MNIST with a BadNets patch.
+DEMO_BACKDOOR = dict(dataset="fashion-mnist", arch="resnet10t", trigger="badnets-white-br", target=0,
+                     poison_rate=0.1, epochs=2, seed=0, n_train=None, n_test=None,
+                     model_args={"channels": [16, 32, 64, 128]})
+
+
+def demo_model_dir() -> Path:
+    """Train the demo's backdoored model once and cache it (``AGME_CACHE``); returns its folder."""
+    key = hashlib.sha256(json.dumps(DEMO_BACKDOOR, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir() / f"demo-fashion-mnist-resnet-{key}"
+    if not (folder / WEIGHTS_NAME).is_file():
+        train_backdoored(BackdoorConfig(**DEMO_BACKDOOR), out_dir=folder, progress=True, overwrite=True)
+    return folder
+
+
+def run_demo(*, out: str | os.PathLike[str] | None = None, per_class: int = 10,
+             report: Reporter | None = None) -> dict[str, Any]:
+    """Backdoor (or reuse) a ResNet on Fashion-MNIST, clean it with ``per_class`` images per class."""
+    say = report or (lambda line: None)
+    say("training (or reusing) the backdoored demo model")
+    folder = demo_model_dir()
+    options = CleanOptions(data="fashion-mnist", trigger=str(DEMO_BACKDOOR["trigger"]), target="0",
+                           per_class=per_class, out=str(out or Path.cwd() / "fashion-mnist-demo-agme"))
+    return run_clean(str(folder), options, report=report)
