@@ -113,24 +113,22 @@ def _progress(enabled: bool) -> Callable[[str], None]:
     return (lambda line: None) if quiet else (lambda line: err_console.log(line))
 
 
-def _pct(value: Any) -> str:
-    return "not measured" if value is None else f"{100 * value:.1f}%"
+_pct = api.report.format_percent
 
 
-def _metrics_table(before: dict[str, Any], after: dict[str, Any], title: str) -> Table:
+def _metrics_table(before: Any, after: Any, title: str) -> Table:
     table = Table(title=title)
     for column in ("metric", "before", "after", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for key, label in (("clean_accuracy", "clean accuracy"), ("attack_success_rate", "attack success rate"),
-                       ("target_accuracy", "target-class accuracy"), ("robust_accuracy", "robust accuracy")):
+    for key, label in api.report.HEADLINE_METRICS:
         b, a = before.get(key), after.get(key)
-        change = "" if a is None or b is None else f"{100 * (a - b):+.1f} pt"
-        table.add_row(label, _pct(b), _pct(a), change)
+        table.add_row(label, _pct(b), _pct(a), api.report.format_change(b, a))
     return table
 
 
-def _emit_json(record: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(record, indent=2, default=str) + "\n")
+def _emit_json(record: Any) -> None:
+    values = record.to_json() if hasattr(record, "to_json") else record
+    sys.stdout.write(json.dumps(values, indent=2, default=str) + "\n")
 
 
 @app.command(rich_help_panel="Main")
@@ -176,38 +174,36 @@ def clean(
     _render_clean(record, as_json=as_json, verbose=verbose)
 
 
-def _render_clean(record: dict[str, Any], *, as_json: bool, verbose: bool = False) -> None:
+def _render_clean(report: Any, *, as_json: bool, verbose: bool = False) -> None:
     if as_json:
-        _emit_json(record)
+        _emit_json(report)
         return
-    if record["status"] == "dry-run":
-        err_console.print(f"[bold]dry run[/]: {record['source']} @ {record['revision'] or 'local folder'}")
-        for group, names in (record.get("candidate_layers") or {}).items():
+    if report.status == "dry-run":
+        err_console.print(f"[bold]dry run[/]: {report.source} @ {report.revision or 'local folder'}")
+        for group, names in (report.candidate_layers or {}).items():
             err_console.print(f"  candidate layers ({group}): {', '.join(names)}")
-        err_console.print(f"  would write to {record['output_dir']}: {', '.join(record['files'])}")
-        if record.get("push"):
-            err_console.print(f"  would push to {record['push']['repo_id']}"
-                              f"{' as a pull request' if record['push'].get('create_pr') else ''}")
+        err_console.print(f"  would write to {report.output_dir}: {', '.join(report.files or [])}")
+        if report.push is not None:
+            err_console.print(f"  would push to {report.push.repo_id}"
+                              f"{' as a pull request' if report.push.create_pr else ''}")
         return
-    target = record["target"]
-    err_console.print(_metrics_table(record["before"], record["after"],
-                                     f"{record['source']}: {record['n_edit_images']} clean images, "
-                                     f"mode {record['mode']}, target {target['index']} ({target['label']})"))
-    if record.get("asr_measured_with", "").startswith("surrogate"):
+    target, method = report.target, report.method
+    err_console.print(_metrics_table(report.before, report.after,
+                                     f"{report.source}: {report.n_edit_images} clean images, "
+                                     f"mode {report.mode}, target {target.index} ({target.label})"))
+    if report.asr_trigger == "surrogate":
         err_console.print("attack success measured with the reconstructed surrogate trigger, not the real one")
-    if target.get("detected") and target.get("anomaly_index") is not None:
-        err_console.print(f"detected target {target['index']} (anomaly index {target['anomaly_index']}; "
+    if target.detected and target.anomaly_index is not None:
+        err_console.print(f"detected target {target.index} (anomaly index {target.anomaly_index}; "
                           f"> 2 is an outlier); confirm with --target")
-    method = record["method"]
-    err_console.print(f"edited {', '.join(method['layers'])} with lam={method['lam']:g}, gamma={method['gamma']:g}; "
-                      f"{method['selection']}")
-    err_console.print(f"took {record['timing']['total']:.1f} s")
+    err_console.print(f"edited {', '.join(method.layers or [])} with lam={method.lam:g}, gamma={method.gamma:g}; "
+                      f"{method.selection}")
+    err_console.print(f"took {report.timing['total']:.1f} s")
     if verbose:
-        err_console.print(record["timing"])
-    if record.get("push"):
-        push = record["push"]
-        err_console.print(f"pushed: {push.get('pr_url') or push.get('commit_url') or push.get('reason')}")
-    err_console.print(f"output: {record['output_dir']}")
+        err_console.print(report.timing)
+    if report.push is not None:
+        err_console.print(f"pushed: {report.push.url or report.push.reason}")
+    err_console.print(f"output: {report.output_dir}")
 
 
 @app.command(rich_help_panel="Main")
@@ -221,10 +217,10 @@ def inspect(source: SourceArg, revision: RevisionOpt = None, token: TokenOpt = N
         return
     table = Table(title=f"{source}", show_header=False)
     for key in ("format", "architecture", "revision", "num_classes", "license", "input_size"):
-        table.add_row(key, str(info.get(key)))
-    table.add_row("classes", ", ".join(info["label_names"][:12]) + (" ..." if len(info["label_names"]) > 12 else ""))
-    table.add_row("files", ", ".join(info["files"]))
-    for group, names in info["candidate_layers"].items():
+        table.add_row(key, str(getattr(info, key)))
+    table.add_row("classes", ", ".join(info.label_names[:12]) + (" ..." if len(info.label_names) > 12 else ""))
+    table.add_row("files", ", ".join(info.files))
+    for group, names in info.candidate_layers.items():
         table.add_row(f"layers: {group}", ", ".join(names))
     table.add_row("choice", "made by `agme clean`: 5-fold cross-validation on the edit images over these groups "
                   "and lam (or --layers/--lam)")
@@ -242,11 +238,11 @@ def eval_(source: SourceArg, data: DataOpt = "", trigger: TriggerOpt = None, tar
     if as_json:
         _emit_json(record)
         return
-    table = Table(title=f"{source} on {record['data']} ({record['metrics']['n_images']} images)")
+    table = Table(title=f"{source} on {record.data} ({record.metrics['n_images']} images)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("clean_accuracy", "attack_success_rate", "target_accuracy", "robust_accuracy"):
-        table.add_row(key.replace("_", " "), _pct(record["metrics"][key]))
+    for key, _ in api.report.HEADLINE_METRICS:
+        table.add_row(key.replace("_", " "), _pct(record.metrics[key]))
     err_console.print(table)
 
 
@@ -257,12 +253,11 @@ def push(folder: Annotated[Path, typer.Argument(help="An agme output folder.")],
          create_pr: CreatePrOpt = False, private: PrivateOpt = False, token: TokenOpt = None,
          as_json: JsonOpt = False) -> None:
     """Publish an output folder to the Hub in one commit (a pull request if a foreign README is there)."""
-    record = api.push(folder, repo_id, token=token, private=private, create_pr=create_pr)
+    report = api.push(folder, repo_id, token=token, private=private, create_pr=create_pr)
     if as_json:
-        _emit_json(record["push"])
+        _emit_json(report.push)
         return
-    result = record["push"]
-    err_console.print(result["pr_url"] or result["commit_url"] or result["reason"])
+    err_console.print(report.push.url or report.push.reason)
 
 
 @app.command(rich_help_panel="Hub")

@@ -15,6 +15,7 @@ finished folder; batch), ``lab`` (backdoor training, baselines, bench, demo). Se
 
 from . import constants as constants
 from . import errors as errors
+from . import report as report
 from ._version import __version__ as __version__
 from .app import batch as batch
 from .app import evaluate_source as evaluate_source
@@ -35,10 +36,12 @@ from .lab import BackdoorConfig as BackdoorConfig
 from .lab import run_demo as run_demo
 from .lab import train_backdoored as train_backdoored
 from .options import CleanOptions as CleanOptions
+from .report import CleanReport as CleanReport
 from .triggers import parse_trigger as parse_trigger
 
 __all__ = [
     "__version__", "clean", "evaluate", "load", "save", "push", "run_clean", "run_demo", "inspect_source",
     "evaluate_source", "load_images", "parse_trigger", "train_backdoored", "BackdoorConfig", "CleanOptions",
-    "CleanResult", "ImageSet", "Metrics", "render_card", "rerender_card", "errors", "constants", "batch",
+    "CleanResult", "CleanReport", "ImageSet", "Metrics", "render_card", "rerender_card", "errors", "constants",
+    "report", "batch",
 ]

@@ -11,8 +11,15 @@ __all__ = [
     "ShapeMismatchError", "ClassMismatchError", "UnsupportedFormatError", "UnsupportedArchitectureError",
     "PickleRefusedError", "LayerNotFoundError", "RepoNotFoundError", "GatedRepoError",
     "UnauthorizedError", "RevisionNotFoundError", "OfflineCacheMissError", "NetworkError",
-    "OutputExistsError", "PushError", "JobsFileError", "BatchFailedError",
+    "OutputExistsError", "PushError", "JobsFileError", "BatchFailedError", "WriteVerificationError",
+    "CardValidationError", "one_line",
 ]
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (or its type's name when it has none): what the CLI prints."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 class AgmeError(Exception):
@@ -143,3 +150,15 @@ class BatchFailedError(AgmeError, RuntimeError):
     """Raised when a batch ran but some of its jobs failed; the summary says which."""
 
     exit_code = 32
+
+
+class WriteVerificationError(AgmeError, OSError):
+    """Raised when a written weights file, read back, does not hold what the model holds (disk or I/O fault)."""
+
+    exit_code = 33
+
+
+class CardValidationError(AgmeError, ValueError):
+    """Raised when a rendered model card does not validate (metadata the Hub or agme needs is missing)."""
+
+    exit_code = 34

@@ -19,7 +19,7 @@ from agme_hub.hub.card import validate_card
 from agme_hub.hub.checkpoint import load_model
 from agme_hub.constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from agme_hub.options import CleanOptions
-from agme_hub.app.clean import evaluate_source, push_output, run_clean
+from agme_hub.app import clean as app_clean
 from tests.conftest import TEST_TARGET
 from tests.fixtures_hub import read_folder
 
@@ -31,6 +31,19 @@ OUTPUT_FILES = {WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, REPORT_NAME}
 # Cheap but real: edit only the classifier with a fixed ridge, 5 clean images per class, 200 held-out images.
 CHEAP = dict(data="fashion-mnist", per_class=5, eval_per_class=20, lam=0.1, layers=("fc",), augment_copies=1,
              trigger=TRIGGER, target=str(TEST_TARGET))
+
+
+# The API returns typed results; these tests read them as the JSON a user's script would get from --json.
+def run_clean(source, options):
+    return app_clean.run_clean(source, options).to_json()
+
+
+def push_output(folder, repo_id, **kwargs):
+    return app_clean.push_output(folder, repo_id, **kwargs).to_json()
+
+
+def evaluate_source(source, **kwargs):
+    return app_clean.evaluate_source(source, **kwargs).to_json()
 
 
 def cheap(out: Path, **overrides) -> CleanOptions:

@@ -7,6 +7,7 @@ writes the folder atomically (weights, config, report, card) and pushes it in on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -15,21 +16,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+import safetensors
 import timm
+import torch
 
 from .._version import __version__
 from ..constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from ..data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
 from ..engine import clean, inspect_layers
 from ..engine.layers import resolve_layers
-from ..engine.metrics import Metrics, measure
+from ..engine.metrics import measure
 from ..errors import ClassMismatchError, OutputExistsError, UsageError
 from ..hub.card import write_card
-from ..hub.checkpoint import (atomic_output_dir, describe_format, load_model, parse_config, read_config, save_model,
-                              sha256_file)
+from ..hub.checkpoint import (atomic_output_dir, build_model, describe_format, label_names, load_model, parse_config,
+                              read_config, save_model, sha256_file)
 from ..hub.push import push_folder
 from ..hub.sources import ResolvedSource, resolve_source
 from ..options import CleanOptions
+from ..report import (CleanReport, DataRecord, Evaluation, MethodRecord, MetricValues, PlannedPush, Provenance,
+                      PushRecord, SourceInfo, TargetRecord, TriggerRecord)
 from ..triggers import MaskTrigger, parse_trigger
 
 __all__ = ["run_clean", "push_output", "inspect_source", "evaluate_source",
@@ -42,30 +48,25 @@ Reporter = Callable[[str], None]  # receives one line per stage ("capture", ...)
 
 
 def library_versions() -> dict[str, str]:
-    import huggingface_hub
-    import safetensors
-    import timm
-    import torch
-
     return {"agme": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__}
 
 
-def resolve_target(target: str | int | None, label_names: list[str]) -> int | None:
+def resolve_target(target: str | int | None, names: list[str]) -> int | None:
     """A class index or a label name -> class index."""
     if target is None:
         return None
     text = str(target)
-    if text in label_names:
-        return label_names.index(text)
+    if text in names:
+        return names.index(text)
     try:
         index = int(text)
     except ValueError:
         raise ClassMismatchError(f"target {text!r} is neither a class index nor a label name "
-                                 f"({', '.join(label_names[:10])})") from None
-    if not 0 <= index < len(label_names):
-        raise ClassMismatchError(f"target class {index} is out of range: the model has {len(label_names)} classes "
-                                 f"(0..{len(label_names) - 1})")
+                                 f"({', '.join(names[:10])})") from None
+    if not 0 <= index < len(names):
+        raise ClassMismatchError(f"target class {index} is out of range: the model has {len(names)} classes "
+                                 f"(0..{len(names) - 1})")
     return index
 
 
@@ -85,13 +86,6 @@ def check_output_dir(out: Path, *, yes: bool) -> None:
     ours = (out / REPORT_NAME).is_file() and (not card.exists() or AGME_MARKER in card.read_text(errors="ignore"))
     if entries and not ours:
         raise OutputExistsError(f"{out} exists and holds files agme did not write; choose another --out or pass --yes")
-
-
-def _metrics_dict(metrics: Metrics | None) -> dict[str, float | None]:
-    keys = ("clean_accuracy", "attack_success_rate", "target_accuracy", "robust_accuracy")
-    if metrics is None:
-        return {k: None for k in keys}
-    return {k: (round(v, 6) if v is not None else None) for k, v in ((k, getattr(metrics, k)) for k in keys)}
 
 
 def _command(source: str, options: CleanOptions) -> str:
@@ -127,8 +121,11 @@ def _load_data(options: CleanOptions, label_names: list[str]) -> tuple[ImageSet,
 
 
 def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = None,
-              endpoint: str | None = None) -> dict[str, Any]:
+              endpoint: str | None = None) -> CleanReport:
     """Clean the model at ``source`` as ``options`` say; returns the report (also written as agme_report.json).
+
+    Steps: resolve the source, load model and data, clean (:func:`agme_hub.engine.clean`), measure before
+    and after on held-out images, write the folder atomically, push.
 
     Raises:
         AgmeError: any input, model, Hub or output problem, with a one-line message.
@@ -138,10 +135,7 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     start = time.perf_counter()
     if not options.data:
         raise UsageError("--data is required: an image folder, an .npz or a built-in dataset name")
-    if options.trigger is not None:
-        trigger = parse_trigger(options.trigger)
-    else:
-        trigger = None
+    trigger = parse_trigger(options.trigger) if options.trigger is not None else None
     say("resolving the source")
     resolved = resolve_source(source, revision=options.revision, token=options.token, offline=options.offline,
                               allow_pickle=options.allow_pickle, dry_run=options.dry_run, endpoint=endpoint)
@@ -149,24 +143,23 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     out = Path(options.out).resolve() if options.out else default_output_dir(resolved)
     if not options.dry_run:
         check_output_dir(out, yes=options.yes)
-    label_names = list(config.get("label_names") or [str(i) for i in range(int(config.get("num_classes", 0)))])
-    target = resolve_target(options.target, label_names)
-
-    base: dict[str, Any] = {
-        "agme_version": __version__, "status": "running", "source": source, "source_kind": resolved.kind,
-        "revision": resolved.revision, "base_model": resolved.repo_id, "license": resolved.license,
-        "architecture": config.get("architecture"), "num_classes": len(label_names), "label_names": label_names,
-        "mode": "bdk" if trigger is not None else "no-bdk",
-        "trigger": {"spec": trigger.spec if trigger else None, "kind": "given" if trigger else None},
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.public_dict().items()},
-        "output_dir": str(out), "push": None, "command": _command(source, options),
-    }
+    names = label_names(config)
+    target = resolve_target(options.target, names)
+    base = CleanReport(
+        agme_version=__version__, status="running", source=source, source_kind=resolved.kind,
+        revision=resolved.revision, base_model=resolved.repo_id, license=resolved.license,
+        architecture=config.get("architecture"), num_classes=len(names), label_names=names,
+        mode="bdk" if trigger is not None else "no-bdk",
+        trigger=TriggerRecord(spec=trigger.spec if trigger else None, kind="given" if trigger else None),
+        options={k: (list(v) if isinstance(v, tuple) else v) for k, v in options.public_dict().items()},
+        output_dir=str(out), command=_command(source, options),
+    )
     if options.dry_run:
-        return _dry_run_report(base, resolved, options, out)
+        return _dry_run_report(base, resolved, options)
 
     say("loading the model")
     model = load_model(resolved.local_dir, allow_pickle=options.allow_pickle)
-    edit_set, eval_set, eval_what = _load_data(options, label_names)
+    edit_set, eval_set, eval_what = _load_data(options, names)
     timing["load"] = time.perf_counter() - start
     preprocess = Preprocessor.from_model(model)
 
@@ -193,45 +186,46 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     timing["eval"] = time.perf_counter() - t0
 
     detection = result.detection
-    record = dict(base)
-    record.update({
-        "status": "complete",
-        "target": {"index": result.target, "label": label_names[result.target] if result.target is not None else None,
-                   "detected": result.target_detected,
-                   "anomaly_index": round(detection.anomaly_index, 3) if detection else None,
-                   "ranking": [[c, round(norm, 2)] for c, norm, _ in detection.ranking] if detection else None},
-        "n_edit_images": len(edit_set), "per_class": options.per_class,
-        "data": {"edit": options.data, "eval": eval_what, "n_eval_images": len(eval_set)},
-        "method": {"name": "agme", "lam": result.lam, "gamma": result.gamma, "layers": result.layers,
-                   "repair": options.repair, "target_weight": result.target_weight,
-                   "augment_copies": result.augment_copies, "bn_stats": result.bn_stats, "seed": result.seed,
-                   "selection": result.selection.describe() if result.selection else "given by the user"},
-        "before": _metrics_dict(before), "after": _metrics_dict(after),
-        "after_without_repair": _metrics_dict(without_repair) if without_repair else None,
-        "asr_measured_with": ("given trigger" if trigger is not None
-                              else "surrogate trigger (reconstructed, not the real one)"),
-    })
+    record = base.replace(
+        status="complete",
+        target=TargetRecord(index=result.target, label=names[result.target] if result.target is not None else None,
+                            detected=result.target_detected,
+                            anomaly_index=round(detection.anomaly_index, 3) if detection else None,
+                            ranking=[(c, round(norm, 2)) for c, norm, _ in detection.ranking] if detection else None),
+        n_edit_images=len(edit_set), per_class=options.per_class,
+        data=DataRecord(edit=options.data, eval=eval_what, n_eval_images=len(eval_set)),
+        method=MethodRecord(lam=result.lam, gamma=result.gamma, layers=list(result.layers), repair=options.repair,
+                            target_weight=result.target_weight, augment_copies=result.augment_copies,
+                            bn_stats=result.bn_stats, seed=result.seed,
+                            selection=result.selection.describe() if result.selection else "given by the user"),
+        before=MetricValues.of(before), after=MetricValues.of(after),
+        after_without_repair=MetricValues.of(without_repair) if without_repair else None,
+        asr_measured_with=("given trigger" if trigger is not None
+                           else "surrogate trigger (reconstructed, not the real one)"),
+    )
     if trigger is None:
-        record["trigger"] = {"spec": result.trigger.spec, "kind": "surrogate"}
+        record = record.replace(trigger=TriggerRecord(spec=result.trigger.spec, kind="surrogate"))
 
     say("saving")
     t0 = time.perf_counter()
     source_ref = resolved.ref if resolved.kind == "hub" else str(resolved.local_dir)
     metadata = {"agme.version": __version__, "agme.source": source_ref,
-                "agme.method": json.dumps(record["method"], sort_keys=True),
-                "agme.parameters": json.dumps({k: record["options"][k] for k in
+                "agme.method": json.dumps(record.method.to_json(), sort_keys=True),
+                "agme.parameters": json.dumps({k: record.options[k] for k in
                                                ("trigger", "target", "per_class", "seed")}, sort_keys=True)}
     with atomic_output_dir(out, overwrite=True) as tmp:
-        save_model(result.model, tmp, label_names=label_names, pretrained_cfg=config.get("pretrained_cfg"),
+        save_model(result.model, tmp, label_names=names, pretrained_cfg=config.get("pretrained_cfg"),
                    model_args=config.get("model_args"), metadata=metadata)
         _keep_config(tmp / CONFIG_NAME, config)
         if isinstance(result.trigger, MaskTrigger):
-            record["trigger"]["files"] = result.trigger.save(tmp / SURROGATE_DIR).replace(str(tmp), str(out))
+            files = result.trigger.save(tmp / SURROGATE_DIR).replace(str(tmp), str(out))
+            record = record.replace(trigger=dataclasses.replace(record.trigger, files=files))
         timing["save"] = time.perf_counter() - t0
         timing["total"] = time.perf_counter() - start
-        record["timing"] = {k: round(v, 3) for k, v in timing.items()}
-        record["provenance"] = {"weights_sha256": sha256_file(tmp / WEIGHTS_NAME), "versions": library_versions()}
-        (tmp / REPORT_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        record = record.replace(
+            timing={k: round(v, 3) for k, v in timing.items()},
+            provenance=Provenance(weights_sha256=sha256_file(tmp / WEIGHTS_NAME), versions=library_versions()))
+        record.write(tmp)
         write_card(tmp, record, overwrite=True)
     if options.push_to:
         say(f"pushing to {options.push_to}")
@@ -249,67 +243,62 @@ def _keep_config(path: Path, source_config: dict[str, Any]) -> None:
 
 
 def push_output(folder: str | os.PathLike[str], repo_id: str, *, token: str | None = None, private: bool = False,
-                create_pr: bool = False, endpoint: str | None = None) -> dict[str, Any]:
+                create_pr: bool = False, endpoint: str | None = None) -> CleanReport:
     """Push an output folder in one commit and record the push in its report (locally)."""
     folder = Path(folder)
-    report_path = folder / REPORT_NAME
-    record = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    has_report = (folder / REPORT_NAME).is_file()
+    record = CleanReport.load(folder) if has_report else CleanReport()
     result = push_folder(folder, repo_id, token=token, private=private, create_pr=create_pr, endpoint=endpoint)
-    record["push"] = {"repo_id": result.repo_id, "commit_url": result.commit_url, "pr_url": result.pr_url,
-                      "commit_sha": result.commit_sha, "skipped": result.skipped, "reason": result.reason}
-    if report_path.is_file():
-        tmp = report_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, report_path)
+    record = record.replace(push=PushRecord(repo_id=result.repo_id, commit_url=result.commit_url,
+                                            pr_url=result.pr_url, commit_sha=result.commit_sha,
+                                            skipped=result.skipped, reason=result.reason))
+    if has_report:
+        record.write(folder)
     return record
 
 
-def _dry_run_report(base: dict[str, Any], resolved: ResolvedSource, options: CleanOptions, out: Path) -> dict[str, Any]:
+def _dry_run_report(base: CleanReport, resolved: ResolvedSource, options: CleanOptions) -> CleanReport:
     """What a run would do: the layers it would edit and the files it would write or push; writes nothing."""
     # The architecture alone decides the layers: no weights are needed (a Hub dry run fetches none).
-    name, pretrained_cfg, model_args = parse_config(read_config(resolved.local_dir))
-    model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()
+    model = build_model(read_config(resolved.local_dir))
     layers = {"given": resolve_layers(model, list(options.layers))} if options.layers else inspect_layers(model).groups
-    record = dict(base)
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, REPORT_NAME]
     if options.trigger is None:
         files += [f"{SURROGATE_DIR}/surrogate_pattern.png", f"{SURROGATE_DIR}/surrogate_mask.png"]
-    record.update({"status": "dry-run", "candidate_layers": layers, "files": files,
-                   "source_files": list(resolved.files),
-                   "push": {"repo_id": options.push_to, "create_pr": options.create_pr} if options.push_to else None})
-    return record
+    return base.replace(status="dry-run", candidate_layers=layers, files=files, source_files=list(resolved.files),
+                        push=PlannedPush(repo_id=options.push_to, create_pr=options.create_pr) if options.push_to
+                        else None)
 
 
 def inspect_source(source: str, *, revision: str | None = None, token: str | None = None, offline: bool = False,
-                   allow_pickle: bool = False, endpoint: str | None = None) -> dict[str, Any]:
+                   allow_pickle: bool = False, endpoint: str | None = None) -> SourceInfo:
     """Format, architecture, classes, license, files and candidate layers of a checkpoint (no weights read)."""
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               dry_run=True, endpoint=endpoint)
     config = read_config(resolved.local_dir)
-    name, pretrained_cfg, model_args = parse_config(config)
-    model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()
-    label_names = list(config.get("label_names") or [str(i) for i in range(int(config.get("num_classes", 0)))])
-    return {"source": source, "format": describe_format(Path(resolved.local_dir)), "architecture": name,
-            "repo_id": resolved.repo_id, "revision": resolved.revision, "num_classes": len(label_names),
-            "label_names": label_names, "license": resolved.license,
-            "input_size": list(pretrained_cfg.get("input_size", [])), "files": list(resolved.files),
-            "candidate_layers": inspect_layers(model).groups}
+    name, pretrained_cfg, _ = parse_config(config)
+    model = build_model(config)
+    names = label_names(config)
+    return SourceInfo(source=source, format=describe_format(Path(resolved.local_dir)), architecture=name,
+                      repo_id=resolved.repo_id, revision=resolved.revision, num_classes=len(names),
+                      label_names=names, license=resolved.license,
+                      input_size=list(pretrained_cfg.get("input_size", [])), files=list(resolved.files),
+                      candidate_layers=inspect_layers(model).groups)
 
 
 def evaluate_source(source: str, *, data: str, trigger: str | None = None, target: str | int | None = None,
                     revision: str | None = None, token: str | None = None, offline: bool = False,
-                    allow_pickle: bool = False, endpoint: str | None = None) -> dict[str, Any]:
+                    allow_pickle: bool = False, endpoint: str | None = None) -> Evaluation:
     """Metrics of the model at ``source`` on ``data`` (ASR and RA need a trigger and a target)."""
     if not data:
         raise UsageError("--data is required: an image folder, an .npz or a built-in dataset name")
     used = parse_trigger(trigger) if trigger is not None else None
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               endpoint=endpoint)
-    config = read_config(resolved.local_dir)
+    names = label_names(read_config(resolved.local_dir))
     model = load_model(resolved.local_dir, allow_pickle=allow_pickle)
-    label_names = list(config.get("label_names") or [str(i) for i in range(int(config.get("num_classes", 0)))])
-    images = load_images(data, label_names=label_names)
-    index = resolve_target(target, label_names)
+    images = load_images(data, label_names=names)
+    index = resolve_target(target, names)
     metrics = measure(model, images, Preprocessor.from_model(model), trigger=used, target=index)
-    return {"source": source, "revision": resolved.revision, "data": data, "trigger": used.spec if used else None,
-            "target": index, "metrics": metrics.as_dict(per_class=True)}
+    return Evaluation(source=source, revision=resolved.revision, data=data, trigger=used.spec if used else None,
+                      target=index, metrics=metrics.as_dict(per_class=True))

@@ -1,6 +1,6 @@
 """Render, validate and write the model card (``README.md``) of an agme output folder.
 
-``render_card(report)`` turns an ``agme_report.json`` dict into card text: the YAML metadata comes from
+``render_card(report)`` turns a run's report (:class:`agme_hub.report.CleanReport`) into card text: the YAML metadata comes from
 ``huggingface_hub.ModelCardData`` and the body from the Jinja template ``model_cards/agme_card.md.jinja``.
 ``validate_card(text)`` checks a card offline with ``huggingface_hub.ModelCard``. ``write_card`` and
 ``rerender_card`` put the card into a folder. Nothing here touches the network.
@@ -8,12 +8,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -23,8 +21,9 @@ import jinja2
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..constants import AGME_MARKER, CARD_NAME, REPORT_NAME
-from ..errors import OutputExistsError, RepoNotFoundError, UsageError
+from ..constants import AGME_MARKER, CARD_NAME
+from ..errors import CardValidationError, OutputExistsError, RepoNotFoundError
+from ..report import CleanReport, PlannedPush, PushRecord, format_change, format_percent, write_text_atomic
 
 __all__ = ["TEMPLATE_NAME", "template_path", "render_card", "validate_card", "write_card", "rerender_card"]
 
@@ -74,17 +73,11 @@ def _number(value: Any) -> float | None:
 
 
 def _percent(value: Any) -> str:
-    number = _number(value)
-    return _NOT_MEASURED if number is None else f"{number * 100:.1f}%"
+    return format_percent(value, missing=_NOT_MEASURED)
 
 
 def _change(before: Any, after: Any) -> str:
-    first, second = _number(before), _number(after)
-    if first is None or second is None:
-        return _NOT_MEASURED
-    # Subtract the rounded percentages, so the column agrees with the two numbers printed beside it.
-    delta = round(round(second * 100, 1) - round(first * 100, 1), 1)
-    return f"{delta + 0.0:+.1f} points"  # + 0.0 turns -0.0 into 0.0, so no change prints as +0.0
+    return format_change(before, after, unit="points", missing=_NOT_MEASURED)
 
 
 def _cell(value: Any) -> str:
@@ -121,11 +114,6 @@ def _seconds(value: Any) -> str | None:
     return f"{minutes} min {rest} s"
 
 
-def _section(report: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = report.get(key)
-    return value if isinstance(value, Mapping) else {}
-
-
 def _slug(text: str) -> str:
     slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.")
     return slug[:64] or "custom"
@@ -136,46 +124,47 @@ def _count(value: Any, noun: str) -> str | None:
     return None if number is None else f"{int(number)} {noun}{'' if int(number) == 1 else 's'}"
 
 
+def _pushed_to(report: CleanReport) -> str | None:
+    return report.push.repo_id if isinstance(report.push, (PushRecord, PlannedPush)) else None
+
+
 # METADATA
-def _model_name(report: Mapping[str, Any]) -> str:
+def _model_name(report: CleanReport) -> str:
     """Name the cleaned model: the pushed repo's name, else the source's name plus ``-agme``."""
-    push = _section(report, "push")
-    if push.get("repo_id"):
-        return str(push["repo_id"]).rstrip("/").split("/")[-1]
-    for key in ("source", "architecture"):
-        if report.get(key):
-            return f"{Path(str(report[key]).rstrip('/')).name}-agme"
+    repo_id = _pushed_to(report)
+    if repo_id:
+        return repo_id.rstrip("/").split("/")[-1]
+    for value in (report.source, report.architecture):
+        if value:
+            return f"{Path(value.rstrip('/')).name}-agme"
     return "agme-model"
 
 
-def _eval_dataset(report: Mapping[str, Any]) -> tuple[str, str]:
+def _eval_dataset(report: CleanReport) -> tuple[str, str]:
     """Return (dataset type, readable name) of the evaluation images for model-index."""
-    data = _section(report, "data")
-    edit, evaluation = data.get("edit"), data.get("eval")
-    # The CLI describes a held-out split of --data as "held-out part of --data ...": then the set is --data's.
-    if edit and (not evaluation or str(evaluation).startswith("held-out")):
-        base = str(edit)
+    edit, evaluation = report.data.edit, report.data.eval
+    # Metrics on the held-out part of --data: the set is --data's.
+    if edit and (not evaluation or report.eval_source == "held-out"):
+        base = edit
     else:
-        base = str(evaluation) if evaluation else "evaluation images"
+        base = evaluation or "evaluation images"
     # Paths would make the type machine-specific; the last component is enough to tell sets apart.
     short = " ".join((Path(base).name if os.sep in base else base).split())
     return _slug(short), short
 
 
-def _eval_results(report: Mapping[str, Any]) -> list[EvalResult]:
+def _eval_results(report: CleanReport) -> list[EvalResult]:
     """One EvalResult per measured after-metric; metrics that were not measured are left out."""
-    after = _section(report, "after")
     dataset_type, dataset_name = _eval_dataset(report)
-    trigger = _section(report, "trigger")
-    surrogate = str(report.get("asr_measured_with") or "").startswith("surrogate")
+    surrogate = report.asr_trigger == "surrogate"
     results = []
     for key, name, metric_type, images in _METRICS:
-        value = _number(after.get(key))
+        value = _number(report.after.get(key))
         if value is None:
             continue
         if images == "triggered" and surrogate:
             name = f"{name} (surrogate trigger)"
-        args = {"trigger": trigger.get("spec")} if images == "triggered" and trigger.get("spec") else None
+        args = {"trigger": report.trigger.spec} if images == "triggered" and report.trigger.spec else None
         results.append(EvalResult(
             task_type="image-classification",
             dataset_type=dataset_type,
@@ -189,34 +178,34 @@ def _eval_results(report: Mapping[str, Any]) -> list[EvalResult]:
     return results
 
 
-def _agme_block(report: Mapping[str, Any]) -> dict[str, Any]:
+def _agme_block(report: CleanReport) -> dict[str, Any]:
     """A small custom ``agme:`` metadata block; values that were not recorded are left out."""
-    method, trigger, target = _section(report, "method"), _section(report, "trigger"), _section(report, "target")
+    method = report.method
     block = {
-        "version": report.get("agme_version"),
-        "source": report.get("source"),
-        "source_revision": report.get("revision"),
-        "mode": report.get("mode"),
-        "method": method.get("name"),
-        "layers": list(method["layers"]) if isinstance(method.get("layers"), (list, tuple)) else None,
-        "lam": _number(method.get("lam")),
-        "gamma": _number(method.get("gamma")),
-        "trigger": trigger.get("spec"),
-        "trigger_kind": trigger.get("kind"),
-        "target_class": target.get("index"),
+        "version": report.agme_version,
+        "source": report.source,
+        "source_revision": report.revision,
+        "mode": report.mode,
+        "method": method.name,
+        "layers": list(method.layers) if method.layers is not None else None,
+        "lam": _number(method.lam),
+        "gamma": _number(method.gamma),
+        "trigger": report.trigger.spec,
+        "trigger_kind": report.trigger.kind,
+        "target_class": report.target.index,
     }
     return {key: value for key, value in block.items() if value is not None}
 
 
-def _card_data(report: Mapping[str, Any]) -> ModelCardData:
-    base_model = report.get("base_model") or None
+def _card_data(report: CleanReport) -> ModelCardData:
+    base_model = report.base_model or None
     results = _eval_results(report)
     return ModelCardData(
         base_model=base_model,
         base_model_relation="finetune" if base_model else None,  # a relation without a base model means nothing
         library_name="timm",
         pipeline_tag="image-classification",
-        license=report.get("license") or None,  # carried over from the source, never invented
+        license=report.license or None,  # carried over from the source, never invented
         tags=list(_TAGS),
         model_name=_model_name(report) if results else None,
         eval_results=results or None,
@@ -225,113 +214,104 @@ def _card_data(report: Mapping[str, Any]) -> ModelCardData:
 
 
 # BODY
-def _summary(report: Mapping[str, Any], name: str) -> str:
-    source, revision = report.get("source"), report.get("revision")
-    if report.get("source_kind") == "hub" and source:
+def _summary(report: CleanReport, name: str) -> str:
+    source, revision = report.source, report.revision
+    if report.source_kind == "hub" and source:
         origin = f"[`{source}`](https://huggingface.co/{source})"
         origin += f" at commit `{revision}`" if revision else " (revision not recorded)"
     elif source:
         origin = f"the local model folder {_code(source)}"
     else:
         origin = "a source model that was not recorded"
-    method, target = _section(report, "method"), _section(report, "target")
-    layers = method.get("layers")
+    layers, target = report.method.layers, report.target
     what = "layers"
-    if isinstance(layers, (list, tuple)) and layers:
+    if layers:
         what = f"the {_scalar(layers)} layer{'s' if len(layers) > 1 else ''}"
-    model = f" of this {_code(report['architecture'])} classifier" if report.get("architecture") else ""
-    classes = f" ({int(report['num_classes'])} classes)" if _number(report.get("num_classes")) is not None else ""
+    model = f" of this {_code(report.architecture)} classifier" if report.architecture else ""
+    classes = f" ({report.num_classes} classes)" if report.num_classes is not None else ""
     goal = "a backdoor"
-    if target.get("index") is not None:
-        label = f" ({_cell(target['label'])})" if target.get("label") is not None else ""
-        goal = f"a backdoor that sends triggered images to class {target['index']}{label}"
-    version = f" {_cell(report['agme_version'])}" if report.get("agme_version") else ""
+    if target.index is not None:
+        label = f" ({_cell(target.label)})" if target.label is not None else ""
+        goal = f"a backdoor that sends triggered images to class {target.index}{label}"
+    version = f" {_cell(report.agme_version)}" if report.agme_version else ""
     parts = [f"`{name}` is a sanitized derivative of {origin}, made by agme{version}.",
              f"agme edited {what}{model}{classes} to remove {goal}."]
-    before, after = _section(report, "before"), _section(report, "after")
     asr = "the attack success rate"
-    if str(report.get("asr_measured_with") or "").startswith("surrogate"):
+    if report.asr_trigger == "surrogate":
         asr += " (with the surrogate trigger)"
     changes = [
-        f"{metric} went from {_percent(before.get(key))} to {_percent(after.get(key))}"
+        f"{metric} went from {_percent(report.before.get(key))} to {_percent(report.after.get(key))}"
         for key, metric in (("attack_success_rate", asr), ("clean_accuracy", "clean accuracy"))
-        if _number(before.get(key)) is not None and _number(after.get(key)) is not None
+        if _number(report.before.get(key)) is not None and _number(report.after.get(key)) is not None
     ]
     if changes:
-        where = _count(_section(report, "data").get("n_eval_images"), "evaluation image")
+        where = _count(report.data.n_eval_images, "evaluation image")
         sentence = " and ".join(changes)
         parts.append(f"On {where}, {sentence}." if where else f"{sentence[0].upper()}{sentence[1:]}.")
     return " ".join(parts)
 
 
-def _metric_rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
-    before, after = _section(report, "before"), _section(report, "after")
+def _metric_rows(report: CleanReport) -> list[dict[str, str]]:
     return [
-        {"name": name, "before": _percent(before.get(key)), "after": _percent(after.get(key)),
-         "change": _change(before.get(key), after.get(key))}
+        {"name": name, "before": _percent(report.before.get(key)), "after": _percent(report.after.get(key)),
+         "change": _change(report.before.get(key), report.after.get(key))}
         for key, name, _, _ in _METRICS
     ]
 
 
-def _asr_note(report: Mapping[str, Any]) -> str:
-    measured_with = report.get("asr_measured_with")
-    if not measured_with:
+def _asr_note(report: CleanReport) -> str:
+    if report.asr_trigger is None:
         return "Attack success rate and robust accuracy were not measured: no trigger was available."
-    if str(measured_with).startswith("surrogate"):
+    if report.asr_trigger == "surrogate":
         return ("Attack success rate and robust accuracy were measured with the **surrogate trigger** (reconstructed "
                 "by agme, not the real one): they show that the reconstructed trigger was removed, not that the real "
                 "one was.")
-    return f"Attack success rate and robust accuracy were measured with the {_cell(measured_with)}."
+    return f"Attack success rate and robust accuracy were measured with the {_cell(report.asr_measured_with)}."
 
 
-def _timing(report: Mapping[str, Any]) -> tuple[str, str]:
-    timing = _section(report, "timing")
+def _timing(report: CleanReport) -> tuple[str, str]:
+    timing = report.timing or {}
     stages = [f"{stage} {_seconds(value)}" for stage, value in timing.items()
               if stage != "total" and _seconds(value) is not None]
     return _seconds(timing.get("total")) or _NOT_MEASURED, ", ".join(stages)
 
 
-def _mode(report: Mapping[str, Any]) -> str:
-    mode = report.get("mode")
-    if mode == "bdk":
+def _mode(report: CleanReport) -> str:
+    if report.mode == "bdk":
         return "`bdk`: the trigger was known and given to agme."
-    if mode == "no-bdk":
+    if report.mode == "no-bdk":
         return "`no-bdk`: the trigger was not known; agme worked without it."
-    return _NOT_RECORDED if mode is None else _code(mode)
+    return _NOT_RECORDED
 
 
-def _trigger(report: Mapping[str, Any]) -> str:
-    trigger = _section(report, "trigger")
-    spec = _code(trigger["spec"]) if trigger.get("spec") else None
-    if trigger.get("kind") == "given":
+def _trigger(report: CleanReport) -> str:
+    trigger = report.trigger
+    spec = _code(trigger.spec) if trigger.spec else None
+    if trigger.kind == "given":
         return f"given by the user: {spec or 'spec ' + _NOT_RECORDED}."
-    if trigger.get("kind") == "surrogate":
+    if trigger.kind == "surrogate":
         return f"a surrogate reconstructed by agme (not the real trigger): {spec or 'spec ' + _NOT_RECORDED}."
     return f"{spec}." if spec else "none: no trigger was used."
 
 
-def _target(report: Mapping[str, Any]) -> str:
-    target = _section(report, "target")
-    if target.get("index") is None:
+def _target(report: CleanReport) -> str:
+    target = report.target
+    if target.index is None:
         return _NOT_RECORDED
-    label = f" ({_cell(target['label'])})" if target.get("label") is not None else ""
-    how = "detected by agme" if target.get("detected") else "given by the user"
-    return f"{target['index']}{label}, {how}."
+    label = f" ({_cell(target.label)})" if target.label is not None else ""
+    how = "detected by agme" if target.detected else "given by the user"
+    return f"{target.index}{label}, {how}."
 
 
-def _detection(report: Mapping[str, Any]) -> dict[str, Any] | None:
-    target = _section(report, "target")
-    if not target.get("detected"):
+def _detection(report: CleanReport) -> dict[str, Any] | None:
+    target = report.target
+    if not target.detected:
         return None
-    anomaly = _number(target.get("anomaly_index"))
+    anomaly = _number(target.anomaly_index)
     summary = f"anomaly index {anomaly:.2f}" if anomaly is not None else f"anomaly index {_NOT_MEASURED}"
-    names = report.get("label_names")
-    labels: list[Any] = names if isinstance(names, list) else []
+    labels = report.label_names or []
     rows = []
-    for rank, entry in enumerate(target.get("ranking") or [], start=1):
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            continue
-        index, score = entry
+    for rank, (index, score) in enumerate(target.ranking or [], start=1):
         label = labels[index] if isinstance(index, int) and 0 <= index < len(labels) else _NOT_RECORDED
         number = _number(score)
         rows.append({"rank": rank, "index": index, "label": _cell(label),
@@ -340,81 +320,79 @@ def _detection(report: Mapping[str, Any]) -> dict[str, Any] | None:
     return {"summary": summary, "ranking": rows}
 
 
-def _method_rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
-    method = _section(report, "method")
+def _method_rows(report: CleanReport) -> list[dict[str, str]]:
     names = (("name", "Method"), ("layers", "Edited layers"), ("lam", "lam"), ("gamma", "gamma"),
              ("repair", "Repair"), ("target_weight", "Repair target weight"), ("augment_copies", "Augmented copies"),
              ("bn_stats", "BatchNorm statistics"), ("seed", "Seed"))
-    return [{"name": label, "value": _scalar(method.get(key))} for key, label in names]
+    return [{"name": label, "value": _scalar(getattr(report.method, key))} for key, label in names]
 
 
-def _version_rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
-    versions = _section(_section(report, "provenance"), "versions")
+def _version_rows(report: CleanReport) -> list[dict[str, str]]:
+    versions = report.provenance.versions or {}
     return [{"name": _cell(name), "value": _scalar(value)} for name, value in versions.items()] or \
-        [{"name": "agme", "value": _scalar(report.get("agme_version"))}]
+        [{"name": "agme", "value": _scalar(report.agme_version)}]
 
 
-def _source(report: Mapping[str, Any]) -> tuple[str, str]:
-    source, revision = report.get("source"), report.get("revision")
+def _source(report: CleanReport) -> tuple[str, str]:
+    source, revision = report.source, report.revision
     if not source:
         return _NOT_RECORDED, _NOT_RECORDED
-    if report.get("source_kind") == "hub":
+    if report.source_kind == "hub":
         text = f"[`{source}`](https://huggingface.co/{source}) on the Hugging Face Hub"
         rev = f"[`{revision}`](https://huggingface.co/{source}/tree/{revision})" if revision else _NOT_RECORDED
         return text, rev
     return f"local folder {_code(source)}", f"{_NOT_RECORDED} (a local folder has no Hub revision)"
 
 
-def _load(report: Mapping[str, Any]) -> tuple[str, str]:
-    push = _section(report, "push")
-    if push.get("repo_id"):
+def _load(report: CleanReport) -> tuple[str, str]:
+    repo_id = _pushed_to(report)
+    if repo_id:
         note = ""
-        if push.get("pr_url"):
-            note = (f"This model was pushed as a [pull request]({push['pr_url']}); the snippet loads the repo's main "
+        pr_url = report.push.pr_url if isinstance(report.push, PushRecord) else None
+        if pr_url:
+            note = (f"This model was pushed as a [pull request]({pr_url}); the snippet loads the repo's main "
                     "branch, which holds this model once the pull request is merged.")
-        return f"hf-hub:{push['repo_id']}", note
-    folder = report.get("output_dir") or "PATH/TO/THIS/FOLDER"
+        return f"hf-hub:{repo_id}", note
+    folder = report.output_dir or "PATH/TO/THIS/FOLDER"
     return f"local-dir:{folder}", ""
 
 
-def _status_note(report: Mapping[str, Any]) -> str:
-    status = report.get("status")
-    if status in (None, "complete"):
+def _status_note(report: CleanReport) -> str:
+    if report.status in (None, "complete"):
         return ""
-    return f"this run's status is {_code(status)}, not `complete`: some results may be missing."
+    return f"this run's status is {_code(report.status)}, not `complete`: some results may be missing."
 
 
-def _repair_note(report: Mapping[str, Any]) -> str | None:
+def _repair_note(report: CleanReport) -> str | None:
     """Target-class accuracy with and without the repair, when both were measured."""
-    without = _number(_section(report, "after_without_repair").get("target_accuracy"))
-    with_repair = _number(_section(report, "after").get("target_accuracy"))
+    without = _number(report.after_without_repair.target_accuracy) if report.after_without_repair else None
+    with_repair = _number(report.after.target_accuracy)
     if without is None or with_repair is None:
         return None
     return (f"**Repair:** target-class accuracy after the edit is {_percent(with_repair)} with the repair and "
             f"{_percent(without)} without it.")
 
 
-def _context(report: Mapping[str, Any]) -> dict[str, Any]:
+def _context(report: CleanReport) -> dict[str, Any]:
     """Every value the template shows, already formatted: the template only lays them out."""
     name = _model_name(report)
-    data = _section(report, "data")
+    data = report.data
     time_total, time_stages = _timing(report)
     source, revision = _source(report)
     load_id, push_note = _load(report)
-    edit_images = _count(report.get("n_edit_images"), "clean image") or f"clean images (number {_NOT_RECORDED})"
-    per_class = _number(report.get("per_class"))
-    if per_class is not None:
-        edit_images += f" ({int(per_class)} per class)"
-    eval_images = _count(data.get("n_eval_images"), "image") or f"images (number {_NOT_RECORDED})"
-    sha = _section(report, "provenance").get("weights_sha256")
+    edit_images = _count(report.n_edit_images, "clean image") or f"clean images (number {_NOT_RECORDED})"
+    if report.per_class is not None:
+        edit_images += f" ({report.per_class} per class)"
+    eval_images = _count(data.n_eval_images, "image") or f"images (number {_NOT_RECORDED})"
+    sha = report.provenance.weights_sha256
     return {
         "marker": AGME_MARKER,
         "title": f"{name}: backdoor removed with agme",
         "summary": _summary(report, name),
         "status_note": _status_note(report),
         "metric_rows": _metric_rows(report),
-        "edit_data": f"{edit_images} from {_cell(data.get('edit') or 'a source ' + _NOT_RECORDED)}",
-        "eval_data": f"{eval_images} from {_cell(data.get('eval') or 'a source ' + _NOT_RECORDED)}",
+        "edit_data": f"{edit_images} from {_cell(data.edit or 'a source ' + _NOT_RECORDED)}",
+        "eval_data": f"{eval_images} from {_cell(data.eval or 'a source ' + _NOT_RECORDED)}",
         "asr_note": _asr_note(report),
         "repair_note": _repair_note(report),
         "time_total": time_total,
@@ -424,23 +402,24 @@ def _context(report: Mapping[str, Any]) -> dict[str, Any]:
         "target": _target(report),
         "detection": _detection(report),
         "method_rows": _method_rows(report),
-        "selection": _cell(_section(report, "method").get("selection") or _NOT_RECORDED),
+        "selection": _cell(report.method.selection or _NOT_RECORDED),
         "source": source,
         "revision": revision,
         "weights_sha256": _code(sha) if sha else _NOT_RECORDED,
         "version_rows": _version_rows(report),
         "load_id": load_id,
         "push_note": push_note,
-        "command": " ".join(str(report.get("command") or f"# command {_NOT_RECORDED}").splitlines()),
+        "command": " ".join((report.command or f"# command {_NOT_RECORDED}").splitlines()),
     }
 
 
 # PUBLIC API
-def render_card(report: Mapping[str, Any]) -> str:
+def render_card(report: CleanReport | Mapping[str, Any]) -> str:
     """Render the model card of a cleaned model from its report. Pure: no files written, no network.
 
     Args:
-        report: The content of ``agme_report.json``. Any field may be None where it was not measured.
+        report: The run's report, or the content of ``agme_report.json``. Any field may be None where it
+            was not measured.
 
     Returns:
         The card text: YAML metadata, the agme marker and the Markdown body.
@@ -449,7 +428,8 @@ def render_card(report: Mapping[str, Any]) -> str:
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                                      keep_trailing_newline=True, autoescape=False)
     template = environment.from_string(template_path().read_text(encoding="utf-8"))
-    return template.render(card_data=_card_data(report).to_yaml(), **_context(report))
+    typed = report if isinstance(report, CleanReport) else CleanReport.from_json(report)
+    return template.render(card_data=_card_data(typed).to_yaml(), **_context(typed))
 
 
 def _one_line(error: BaseException) -> str:
@@ -468,46 +448,35 @@ def validate_card(text: str, *, base_model: str | None = None) -> None:
         base_model: The source repo id when known; the card must then declare it as ``base_model``.
 
     Raises:
-        ValueError: With a one-line message naming the first problem found.
+        CardValidationError: With a one-line message naming the first problem found.
     """
     try:
         metadata: dict[str, Any] = ModelCard(text).data.to_dict()  # type: ignore[no-untyped-call]
     except (ValueError, yaml.YAMLError) as error:
-        raise ValueError(f"model card metadata is invalid: {_one_line(error)}") from error
+        raise CardValidationError(f"model card metadata is invalid: {_one_line(error)}") from error
     if not metadata:
-        raise ValueError("model card has no YAML metadata block at its top")
+        raise CardValidationError("model card has no YAML metadata block at its top")
     if base_model is not None and base_model not in _tags(metadata.get("base_model")):
         found = metadata.get("base_model")
-        raise ValueError(f"model card metadata: base_model must be {base_model!r}, found {found!r}")
+        raise CardValidationError(f"model card metadata: base_model must be {base_model!r}, found {found!r}")
     for key, expected in (("library_name", "timm"), ("pipeline_tag", "image-classification")):
         if metadata.get(key) != expected:
-            raise ValueError(f"model card metadata: {key} must be {expected!r}, found {metadata.get(key)!r}")
+            raise CardValidationError(f"model card metadata: {key} must be {expected!r}, found {metadata.get(key)!r}")
     missing = [tag for tag in _REQUIRED_TAGS if tag not in _tags(metadata.get("tags"))]
     if missing:
-        raise ValueError(f"model card metadata: tags must include {', '.join(missing)}")
+        raise CardValidationError(f"model card metadata: tags must include {', '.join(missing)}")
     index = metadata.get("model-index")
     if not isinstance(index, list) or not index:
-        raise ValueError("model card metadata: model-index is missing (no measured metric to report)")
+        raise CardValidationError("model card metadata: model-index is missing (no measured metric to report)")
     for entry in index:
         if not entry.get("name") or not entry.get("results"):
-            raise ValueError("model card metadata: every model-index entry needs a name and results")
+            raise CardValidationError("model card metadata: every model-index entry needs a name and results")
         if any(not result.get("metrics") for result in entry["results"]):
-            raise ValueError("model card metadata: every model-index result needs metrics")
+            raise CardValidationError("model card metadata: every model-index result needs metrics")
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, so an interrupted write never leaves half a card."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_card(folder: str | os.PathLike[str], report: Mapping[str, Any], *, overwrite: bool = False) -> Path:
+def write_card(folder: str | os.PathLike[str], report: CleanReport | Mapping[str, Any], *,
+               overwrite: bool = False) -> Path:
     """Render, validate and write ``README.md`` into an output folder.
 
     Args:
@@ -521,7 +490,7 @@ def write_card(folder: str | os.PathLike[str], report: Mapping[str, Any], *, ove
     Raises:
         RepoNotFoundError: When the folder does not exist.
         OutputExistsError: When the folder holds someone else's README.md and ``overwrite`` is False.
-        ValueError: When the rendered card does not validate (see ``validate_card``).
+        CardValidationError: When the rendered card does not validate (see ``validate_card``).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -529,25 +498,12 @@ def write_card(folder: str | os.PathLike[str], report: Mapping[str, Any], *, ove
     path = folder / CARD_NAME
     if path.is_file() and not overwrite and AGME_MARKER not in path.read_text(encoding="utf-8", errors="replace"):
         raise OutputExistsError(f"{path} was not written by agme: move it away or pass --yes to replace it")
-    text = render_card(report)
-    base_model = report.get("base_model")
-    validate_card(text, base_model=str(base_model) if base_model else None)
-    _write_text(path, text)
+    typed = report if isinstance(report, CleanReport) else CleanReport.from_json(report)
+    text = render_card(typed)
+    validate_card(text, base_model=typed.base_model or None)
+    write_text_atomic(path, text)
     _logger.debug("wrote model card %s", path)
     return path
-
-
-def _read_report(folder: Path) -> dict[str, Any]:
-    path = folder / REPORT_NAME
-    if not path.is_file():
-        raise UsageError(f"{folder} has no {REPORT_NAME}, so it is not an agme output folder: run `agme clean` first")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"cannot read {path}: {_one_line(error)}; run `agme clean` again to rewrite it") from error
-    if not isinstance(report, dict):
-        raise UsageError(f"{path} does not hold a JSON object; run `agme clean` again to rewrite it")
-    return report
 
 
 def rerender_card(folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -564,9 +520,9 @@ def rerender_card(folder: str | os.PathLike[str], *, overwrite: bool = False) ->
         RepoNotFoundError: When the folder does not exist.
         UsageError: When the folder has no readable report.
         OutputExistsError: When the folder holds someone else's README.md and ``overwrite`` is False.
-        ValueError: When the rendered card does not validate.
+        CardValidationError: When the rendered card does not validate.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise RepoNotFoundError(f"folder {folder} does not exist: pass the output folder of `agme clean`")
-    return write_card(folder, _read_report(folder), overwrite=overwrite)
+    return write_card(folder, CleanReport.load(folder), overwrite=overwrite)

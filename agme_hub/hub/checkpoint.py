@@ -17,11 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..constants import CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME
-from ..errors import PickleRefusedError, RepoNotFoundError, UnsupportedFormatError
+from ..errors import (OutputExistsError, PickleRefusedError, RepoNotFoundError, UnsupportedFormatError,
+                      WriteVerificationError)
 
 __all__ = [
     "read_config", "parse_config", "load_model", "save_model", "sha256_file", "atomic_output_dir", "describe_format",
@@ -88,6 +90,23 @@ def parse_config(config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str,
     return config["architecture"], pretrained_cfg, model_args
 
 
+def label_names(config: dict[str, Any]) -> list[str]:
+    """The class names a config gives (``label_names``), else the class indices as strings."""
+    names = config.get("label_names")
+    if isinstance(names, list) and names:
+        return [str(name) for name in names]
+    return [str(i) for i in range(int(config.get("num_classes") or 0))]
+
+
+def build_model(config: dict[str, Any]) -> torch.nn.Module:
+    """The timm model a config describes, without weights (architecture, classes and layers only)."""
+    model_name, pretrained_cfg, model_args = parse_config(config)
+    try:
+        return timm.create_model(model_name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise UnsupportedFormatError(f"timm cannot build architecture {model_name!r}: {err}") from None
+
+
 def _weights_file(folder: Path, allow_pickle: bool) -> tuple[Path, bool]:
     if (folder / WEIGHTS_NAME).is_file():
         return folder / WEIGHTS_NAME, False
@@ -109,16 +128,11 @@ def load_model(folder: str | os.PathLike[str], *, allow_pickle: bool = False) ->
         UnsupportedFormatError: not a timm folder, or weights that do not fit the architecture.
         PickleRefusedError: only pickle weights and ``allow_pickle`` is False.
     """
-    import timm
-
     folder = Path(folder)
     config = read_config(folder)  # format check with a clear message
     weights_path, is_pickle = _weights_file(folder, allow_pickle)
-    model_name, pretrained_cfg, model_args = parse_config(config)
-    try:
-        model = timm.create_model(model_name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
-    except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise UnsupportedFormatError(f"timm cannot build architecture {model_name!r}: {err}") from None
+    model_name = parse_config(config)[0]
+    model = build_model(config)
     if is_pickle:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
@@ -150,7 +164,7 @@ def atomic_output_dir(out_dir: str | os.PathLike[str], *, overwrite: bool = Fals
         yield tmp
         if out_dir.exists():
             if not overwrite:
-                raise FileExistsError(out_dir)
+                raise OutputExistsError(f"{out_dir} exists; choose another folder or allow replacing it (--yes)")
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
@@ -221,5 +235,6 @@ def save_model(
     reloaded = load_file(folder / WEIGHTS_NAME)
     for key, tensor in state.items():
         if not torch.equal(reloaded[key], tensor):
-            raise RuntimeError(f"the written tensor {key} does not match the model")
+            raise WriteVerificationError(f"the written tensor {key} in {folder / WEIGHTS_NAME} does not match the "
+                                         "model; check the disk and write again")
     return folder

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, REPORT_NAME, WEIGHTS_NAME
 from ..errors import AgmeError, PushError
+from ..report import CleanReport
 from .client import make_hub_api, map_hub_error
 
 if TYPE_CHECKING:
@@ -35,9 +36,6 @@ _logger = logging.getLogger(__name__)
 # Suffixes of files that may hold pickle data; such files are never published.
 _PICKLE_SUFFIXES = frozenset({".bin", ".pth", ".pt", ".pkl", ".pickle", ".ckpt"})
 _DEFAULT_MESSAGE = "Upload model cleaned with agme"
-# Report fields that differ between two runs that produced the same model (how long each stage took; where the
-# folder was pushed). A push whose only differences are these (and the card lines rendered from them) is skipped.
-_RUN_DETAIL_KEYS = frozenset({"timing", "push"})
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,11 @@ def _is_agme_card(api: HfApi, repo_id: str, *, revision: str, token: str | None)
 
 def _only_run_details_differ(api: HfApi, repo_id: str, local: dict[str, Path], remote: dict[str, Any],
                              changed: tuple[str, ...], *, revision: str, token: str | None) -> bool:
-    """Whether the changed files are only the report and card, and the reports differ only in run details."""
+    """Whether the changed files are only the report and card, and the reports differ only in run details.
+
+    Two runs that made the same model differ only in how long each stage took and where the folder was
+    pushed (``CleanReport.same_result``); the card lines rendered from those differ too. Such a push is skipped.
+    """
     if REPORT_NAME not in changed or not set(changed) <= {REPORT_NAME, CARD_NAME} or REPORT_NAME not in remote:
         return False
     if CARD_NAME in changed and CARD_NAME not in remote:
@@ -204,8 +206,7 @@ def _only_run_details_differ(api: HfApi, repo_id: str, local: dict[str, Path], r
             return False
     if not isinstance(theirs, dict) or not isinstance(ours, dict):
         return False
-    if {k: v for k, v in theirs.items() if k not in _RUN_DETAIL_KEYS} != \
-            {k: v for k, v in ours.items() if k not in _RUN_DETAIL_KEYS}:
+    if not CleanReport.from_json(theirs).same_result(CleanReport.from_json(ours)):
         return False
     # The card is rendered from the report: with equal reports it differs only in the timings it shows.
     return CARD_NAME not in changed or _is_agme_card(api, repo_id, revision=revision, token=token)

@@ -9,11 +9,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
-
 from ..app import Reporter, run_clean
 from ..constants import WEIGHTS_NAME, cache_dir
 from ..options import CleanOptions
+from ..report import CleanReport
 from .backdoor import BackdoorConfig, train_backdoored
 
 __all__ = ["DEMO_BACKDOOR", "demo_model_dir", "run_demo"]
@@ -34,7 +33,7 @@ def demo_model_dir() -> Path:
 
 
 def run_demo(*, out: str | os.PathLike[str] | None = None, per_class: int = 10,
-             report: Reporter | None = None) -> dict[str, Any]:
+             report: Reporter | None = None) -> CleanReport:
     """Backdoor (or reuse) a ResNet on Fashion-MNIST, clean it with ``per_class`` images per class."""
     say = report or (lambda line: None)
     say("training (or reusing) the backdoored demo model")

@@ -658,13 +658,13 @@ def _work(job: Job, model_dir: Path, mode: str, threads: int, log: Callable[[str
     if mode == "push":
         log(f"pushing the complete output to {options.push_to}")
         return push_output(model_dir, str(options.push_to), token=options.token, private=options.private,
-                           create_pr=options.create_pr)
+                           create_pr=options.create_pr).to_json()
 
     def report(line: str) -> None:
         log(line)
         _emit("stage", job.name, line)
 
-    return run_clean(job.source, options.replace(out=str(model_dir)), report=report)
+    return run_clean(job.source, options.replace(out=str(model_dir)), report=report).to_json()
 
 
 # ----------------------------------------------------------------------------------------------- local
