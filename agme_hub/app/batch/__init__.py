@@ -122,10 +122,10 @@ def run(
         with ctrl_c() as pressed:
             if todo and ray is not None:
                 run_ray(ray, tracker, todo, pressed, workers=workers, threads=threads, address=address,
-                         continue_on_error=continue_on_error)
+                        continue_on_error=continue_on_error)
             elif todo:
                 run_local(tracker, todo, pressed, workers=workers or 1, threads=threads,
-                           continue_on_error=continue_on_error)
+                          continue_on_error=continue_on_error)
         interrupted = pressed.is_set()
         with sigint_ignored():
             for job in jobs:
