@@ -524,7 +524,7 @@ def test_demo_trains_cleans_and_writes_a_valid_card(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the demo model should come from the cache")
 
-    monkeypatch.setattr("agme_hub.lab.demo.train_backdoored", no_training)
+    monkeypatch.setattr("agme_hub.lab.backdoor.train_backdoored", no_training)
     again = agme("demo", "--out", out, "--per-class", "5")
     ok(again)
     assert "attack success rate" in again.stderr and f"output: {out}" in again.stderr

@@ -8,8 +8,10 @@ trains, measures clean accuracy and attack success on the test split, and can wr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..constants import WEIGHTS_NAME, cache_dir
 from ..hub.checkpoint import atomic_output_dir, save_model
 from ..data import ImageSet, Preprocessor, balanced_indices, load_images
 from ..errors import ClassMismatchError, UsageError
 from ..engine.metrics import Metrics, measure
 from ..triggers import parse_trigger
 
-__all__ = ["BackdoorConfig", "BackdoorResult", "BACKDOOR_NAME", "create_classifier", "poison", "train_backdoored"]
+__all__ = ["BackdoorConfig", "BackdoorResult", "BACKDOOR_NAME", "create_classifier", "poison", "train_backdoored",
+           "cached_backdoored"]
 
 BACKDOOR_NAME = "backdoor.json"  # what was planted, written beside the weights of a trained model
 
@@ -169,3 +173,20 @@ def train_backdoored(config: BackdoorConfig, *, out_dir: str | Path | None = Non
             (tmp / BACKDOOR_NAME).write_text(json.dumps(record, indent=2) + "\n")
         result.out_dir = Path(out_dir)
     return result
+
+
+def cached_backdoored(config: BackdoorConfig, *, cache: str | Path | None = None, prefix: str = "",
+                      key: Mapping[str, Any] | None = None, progress: bool = False) -> Path:
+    """Train ``config`` once and keep it; returns the model folder, ``<cache>/<prefix><hash>``.
+
+    ``cache`` defaults to agme's cache folder (``AGME_CACHE``). The hash is the first 12 hex digits of the
+    sha256 of ``key`` as sorted JSON (default: every field of ``config``); callers that named their folders
+    by another record before pass it here, so that the models they already trained are found again.
+    A folder without its weights or its ``backdoor.json`` is trained (again).
+    """
+    record = asdict(config) if key is None else dict(key)
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = Path(cache_dir() if cache is None else cache) / f"{prefix}{digest}"
+    if not (folder / WEIGHTS_NAME).is_file() or not (folder / BACKDOOR_NAME).is_file():
+        train_backdoored(config, out_dir=folder, progress=progress, overwrite=True)
+    return folder

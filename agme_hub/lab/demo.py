@@ -5,15 +5,13 @@ Lab work (training a backdoor) feeding the product (``clean_source``): ``agme de
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
+
 from ..app import Reporter, run_clean
-from ..constants import WEIGHTS_NAME, cache_dir
 from ..options import CleanOptions
 from ..report import CleanReport
-from .backdoor import BackdoorConfig, train_backdoored
+from .backdoor import BackdoorConfig, cached_backdoored
 
 __all__ = ["DEMO_BACKDOOR", "demo_model_dir", "run_demo"]
 
@@ -25,11 +23,8 @@ DEMO_BACKDOOR = dict(dataset="fashion-mnist", arch="resnet10t", trigger="badnets
 
 def demo_model_dir() -> Path:
     """Train the demo's backdoored model once and cache it (``AGME_CACHE``); returns its folder."""
-    key = hashlib.sha256(json.dumps(DEMO_BACKDOOR, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir() / f"demo-fashion-mnist-resnet-{key}"
-    if not (folder / WEIGHTS_NAME).is_file():
-        train_backdoored(BackdoorConfig(**DEMO_BACKDOOR), out_dir=folder, progress=True, overwrite=True)
-    return folder
+    return cached_backdoored(BackdoorConfig(**DEMO_BACKDOOR), prefix="demo-fashion-mnist-resnet-", key=DEMO_BACKDOOR,
+                             progress=True)
 
 
 def run_demo(*, out: str | os.PathLike[str] | None = None, per_class: int = 10,
