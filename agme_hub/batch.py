@@ -591,11 +591,34 @@ def _emit(kind: str, name: str, payload: Any) -> None:
             _EVENTS.put((kind, name, payload))
 
 
+class _ScrubbingWriter:
+    """A text stream that writes through to ``handle`` with every known token replaced by ``***``."""
+
+    def __init__(self, handle: Any, tokens: list[str]) -> None:
+        self._handle, self._tokens = handle, tokens
+
+    def write(self, text: str) -> int:
+        from .redact import scrub
+
+        self._handle.write(scrub(text, self._tokens))
+        return len(text)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 @contextlib.contextmanager
-def _job_log(path: Path) -> Iterator[Callable[[str], None]]:
-    """Everything the job says (its stages, warnings, prints, logging, traceback) goes to its ``job.log``."""
+def _job_log(path: Path, token: str | None = None) -> Iterator[Callable[[str], None]]:
+    """Everything the job says (its stages, warnings, prints, logging, traceback) goes to its ``job.log``,
+    with every token agme knows of (the job's own, HF_TOKEN, the saved login) scrubbed."""
+    from .redact import known_tokens
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", buffering=1) as handle:
+    with open(path, "w", buffering=1) as raw_handle:
+        handle = _ScrubbingWriter(raw_handle, known_tokens(token))
         handler = logging.StreamHandler(handle)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root_logger = logging.getLogger()
@@ -616,6 +639,8 @@ def _job_log(path: Path) -> Iterator[Callable[[str], None]]:
 def _execute(job: Job, model_dir: str, log_path: str, mode: str, note: str, threads: int) -> JobResult:
     """Run one job in this process (a local worker or a Ray task). The job's own failures become its result."""
     global _BUSY
+    from .redact import known_tokens, scrub
+
     base = JobResult(job.name, job.source, output_dir=model_dir, log=log_path)
     if _STOP is not None and _STOP.is_set():
         return replace(base, status="cancelled", error="not started")
@@ -624,7 +649,7 @@ def _execute(job: Job, model_dir: str, log_path: str, mode: str, note: str, thre
     _emit("start", job.name, {"pid": os.getpid(), "worker": worker, "started_at": start})
     base = replace(base, worker=worker, started_at=start)
     try:
-        with _job_log(Path(log_path)) as log:
+        with _job_log(Path(log_path), job.options.token) as log:
             log(f"job {job.name}: {job.source} on {worker}" + (f" (resume: {note})" if note else ""))
             try:
                 record = _work(job, Path(model_dir), mode, threads, log)
@@ -635,7 +660,8 @@ def _execute(job: Job, model_dir: str, log_path: str, mode: str, note: str, thre
                 message = str(err).splitlines()[0] if str(err) else type(err).__name__
                 if not isinstance(err, AgmeError):
                     message = f"{type(err).__name__}: {message}"
-                log(f"failed: {message}\n{traceback.format_exc()}")
+                message = scrub(message, known_tokens(job.options.token))
+                log(f"failed: {message}\n{traceback.format_exc()}")  # the log's writer scrubs the traceback
                 if _STOP is not None and _STOP_ON_FAILURE:
                     _STOP.set()
                 return replace(base, status="failed", seconds=time.time() - start, error=message,

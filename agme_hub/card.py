@@ -566,7 +566,21 @@ def rerender_card(folder: str | os.PathLike[str], *, overwrite: bool = False) ->
         OutputExistsError: When the folder holds someone else's README.md and ``overwrite`` is False.
         ValueError: When the rendered card does not validate.
     """
+    from .errors import ReportError
+    from .outputs import record_written
+
     folder = Path(folder)
     if not folder.is_dir():
         raise RepoNotFoundError(f"folder {folder} does not exist: pass the output folder of `agme clean`")
-    return write_card(folder, _read_report(folder), overwrite=overwrite)
+    report = _read_report(folder)
+    missing = [key for key in ("before", "after", "method", "target") if not isinstance(report.get(key), dict)]
+    if missing:
+        raise ReportError(f"{folder / REPORT_NAME} has no {missing[0]!r} results (status "
+                          f"{report.get('status', 'unknown')!r}): only a complete `agme clean` run has a card")
+    try:
+        path = write_card(folder, report, overwrite=overwrite)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ReportError(f"{folder / REPORT_NAME} lacks a field the card needs ({type(err).__name__}: "
+                          f"{str(err)[:80]}); run `agme clean` again to rewrite it") from None
+    record_written(folder, [CARD_NAME])
+    return path

@@ -37,7 +37,8 @@ _PICKLE_SUFFIXES = frozenset({".bin", ".pth", ".pt", ".pkl", ".pickle", ".ckpt"}
 _DEFAULT_MESSAGE = "Upload model cleaned with agme"
 # Report fields that differ between two runs that produced the same model (how long each stage took; where the
 # folder was pushed). A push whose only differences are these (and the card lines rendered from them) is skipped.
-_RUN_DETAIL_KEYS = frozenset({"timing", "push"})
+# The list of written files holds the card's sha256, which changes with the timings shown in the card.
+_RUN_DETAIL_KEYS = frozenset({"timing", "push", "output_files"})
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,13 @@ def _publishable_files(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         # Hidden entries are tool state (.cache/huggingface, .locks, editor files), never model content.
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        # A link may point anywhere (a token file, /etc/shadow): publishing its target could leak a secret.
+        if path.is_symlink():
+            raise PushError(f"{rel} in {folder} is a symbolic link; agme never publishes links (their target may "
+                            "be a secret): remove it or copy the file in; nothing was pushed")
+        if not path.is_file():
             continue
         if path.suffix.lower() in _PICKLE_SUFFIXES or path.name in PICKLE_WEIGHTS_NAMES:
             _logger.warning("not pushing %s: pickle files are never published", rel)

@@ -21,9 +21,10 @@ from .checkpoint import atomic_output_dir, load_model, read_config, save_model, 
 from .constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from .data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
 from .engine import clean, inspect_layers
-from .errors import ClassMismatchError, OutputExistsError, UsageError
+from .errors import ClassMismatchError, DataError, UsageError
 from .metrics import Metrics, measure
 from .options import CleanOptions
+from .outputs import MANIFEST_KEY, output_files
 from .sources import ResolvedSource, resolve_source
 from .triggers import MaskTrigger, parse_trigger
 
@@ -70,16 +71,34 @@ def default_output_dir(resolved: ResolvedSource) -> Path:
 
 
 def check_output_dir(out: Path, *, yes: bool) -> None:
-    """An existing folder may be replaced only if agme wrote it, or if the user said ``--yes``."""
-    if not out.exists() or yes:
-        return
-    if not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder; choose another --out")
-    entries = list(out.iterdir())
-    card = out / CARD_NAME
-    ours = (out / REPORT_NAME).is_file() and (not card.exists() or AGME_MARKER in card.read_text(errors="ignore"))
-    if entries and not ours:
-        raise OutputExistsError(f"{out} exists and holds files agme did not write; choose another --out or pass --yes")
+    """An existing folder may be replaced only if agme wrote every file in it, or if the user said ``--yes``."""
+    from .outputs import check_output_dir as check
+
+    check(out, yes=yes)
+
+
+def _check_output(out: Path, options: CleanOptions, *, source_dir: str | os.PathLike[str] | None) -> None:
+    """Everything about ``--out`` that can fail, checked before any download or model run."""
+    from .outputs import check_output_overlap, check_output_writable
+
+    check_output_overlap(out, {"source model": source_dir, "data": options.data, "evaluation data": options.eval_data,
+                               "trigger file": options.trigger})
+    check_output_writable(out)
+    check_output_dir(out, yes=options.yes)
+
+
+def _check_classes(edit_set: ImageSet, eval_set: ImageSet, target: int | None, has_trigger: bool) -> None:
+    """Refuse data from which the backdoor cannot be removed or measured: one class only."""
+    import numpy as np
+
+    present = np.unique(np.concatenate([edit_set.labels, eval_set.labels]))
+    if len(present) < 2:
+        only = edit_set.label_names[int(present[0])]
+        raise DataError(f"--data holds images of one class only ({only!r}); agme needs clean images of several "
+                        "classes to edit the model and to measure the attack success")
+    if has_trigger and target is not None and not (eval_set.labels != target).any():
+        raise DataError("the evaluation images are all of the target class, so the attack success cannot be "
+                        "measured; pass --eval-data with images of other classes")
 
 
 def _metrics_dict(metrics: Metrics | None) -> dict[str, float | None]:
@@ -137,13 +156,17 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
         trigger = parse_trigger(options.trigger)
     else:
         trigger = None
+    local_source = Path(source.removeprefix("local-dir:")).expanduser()
+    if options.out and not options.dry_run:  # before any download: a bad --out must not cost a pull
+        _check_output(Path(options.out).expanduser().resolve(), options,
+                      source_dir=local_source if local_source.exists() else None)
     say("resolving the source")
     resolved = resolve_source(source, revision=options.revision, token=options.token, offline=options.offline,
                               allow_pickle=options.allow_pickle, dry_run=options.dry_run, endpoint=endpoint)
     config = read_config(resolved.local_dir)
-    out = Path(options.out).resolve() if options.out else default_output_dir(resolved)
+    out = Path(options.out).expanduser().resolve() if options.out else default_output_dir(resolved)
     if not options.dry_run:
-        check_output_dir(out, yes=options.yes)
+        _check_output(out, options, source_dir=resolved.local_dir)
     label_names = list(config.get("label_names") or [str(i) for i in range(int(config.get("num_classes", 0)))])
     target = resolve_target(options.target, label_names)
 
@@ -162,6 +185,9 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     say("loading the model")
     model = load_model(resolved.local_dir, allow_pickle=options.allow_pickle)
     edit_set, eval_set, eval_what = _load_data(options, label_names)
+    _check_classes(edit_set, eval_set, target, trigger is not None)
+    if trigger is not None:  # a trigger that does not fit these images fails now, not after the clean
+        trigger.apply(edit_set.images[:1])
     timing["load"] = time.perf_counter() - start
     preprocess = Preprocessor.from_model(model)
 
@@ -228,6 +254,9 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
         record["provenance"] = {"weights_sha256": sha256_file(tmp / WEIGHTS_NAME), "versions": library_versions()}
         (tmp / REPORT_NAME).write_text(json.dumps(record, indent=2) + "\n")
         write_card(tmp, record, overwrite=True)
+        # Last: the list of what agme wrote, which makes this folder replaceable without --yes (outputs.py).
+        record[MANIFEST_KEY] = output_files(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(record, indent=2) + "\n")
     if options.push_to:
         say(f"pushing to {options.push_to}")
         record = push_output(out, options.push_to, token=options.token, private=options.private,
@@ -263,14 +292,11 @@ def push_output(folder: str | os.PathLike[str], repo_id: str, *, token: str | No
 
 def _dry_run_report(base: dict[str, Any], resolved: ResolvedSource, options: CleanOptions, out: Path) -> dict[str, Any]:
     """What a run would do: the layers it would edit and the files it would write or push; writes nothing."""
-    import timm
-
-    from .checkpoint import parse_config
+    from .checkpoint import build_model
     from .units import resolve_layers
 
     # The architecture alone decides the layers: no weights are needed (a Hub dry run fetches none).
-    name, pretrained_cfg, model_args = parse_config(read_config(resolved.local_dir))
-    model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()
+    model = build_model(read_config(resolved.local_dir))
     layers = {"given": resolve_layers(model, list(options.layers))} if options.layers else inspect_layers(model).groups
     record = dict(base)
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, REPORT_NAME]
@@ -285,15 +311,13 @@ def _dry_run_report(base: dict[str, Any], resolved: ResolvedSource, options: Cle
 def inspect_source(source: str, *, revision: str | None = None, token: str | None = None, offline: bool = False,
                    allow_pickle: bool = False, endpoint: str | None = None) -> dict[str, Any]:
     """Format, architecture, classes, license, files and candidate layers of a checkpoint (no weights read)."""
-    import timm
-
-    from .checkpoint import describe_format, parse_config
+    from .checkpoint import build_model, describe_format, parse_config
 
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               dry_run=True, endpoint=endpoint)
     config = read_config(resolved.local_dir)
     name, pretrained_cfg, model_args = parse_config(config)
-    model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()
+    model = build_model(config)
     label_names = list(config.get("label_names") or [str(i) for i in range(int(config.get("num_classes", 0)))])
     return {"source": source, "format": describe_format(Path(resolved.local_dir)), "architecture": name,
             "repo_id": resolved.repo_id, "revision": resolved.revision, "num_classes": len(label_names),
