@@ -322,10 +322,10 @@ def _swap_into_place(new: Path, out_dir: Path) -> None:
             if (old.exists() or old.is_symlink()) and not out_dir.exists():
                 os.replace(old, out_dir)
             raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)  # --out was a file (or a link): rmtree would leave it behind
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)  # --out was a file (or a link): rmtree would leave it behind
 
 
 @contextmanager
