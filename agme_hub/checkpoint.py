@@ -107,6 +107,11 @@ def validate_config(config: dict[str, Any], *, where: str = CONFIG_NAME) -> None
         raise bad("architecture", f"must be a timm model name, got {arch!r}")
     if ":" in arch or "/" in arch:  # "hf-hub:org/repo" would make timm download a config from the Hub
         raise bad("architecture", f"must be a timm model name, not a Hub reference ({arch!r})")
+    import timm  # cheap once loaded; knowing the architecture now spares a download of unusable weights
+
+    if not timm.is_model(arch.split(".")[0]):
+        raise bad("architecture", f"names no timm model: {arch!r} (timm {timm.__version__}); check the name or "
+                                  "upgrade timm")
     for field in ("pretrained_cfg", "model_args"):
         if config.get(field) is not None and not isinstance(config[field], dict):
             raise bad(field, f"must be an object, got {type(config[field]).__name__}")
@@ -400,6 +405,10 @@ def save_model(
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for key, tensor in state.items():  # NaN never equals itself: the read-back check below would misreport it
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidWeightsError(f"the tensor {key} to be saved holds NaN or infinite values; nothing was "
+                                      "written (a larger --lam keeps the edit stable)")
     meta = {"format": "pt", **(metadata or {})}
     save_file(state, folder / WEIGHTS_NAME, metadata=meta)
     _sort_safetensors_metadata(folder / WEIGHTS_NAME)

@@ -263,13 +263,19 @@ def _resolve_remote(
     _logger.info("resolved %s@%s to commit %s (%d files)", repo_id, requested or "default branch", sha, len(files))
     # Pickles are fetched only when they are the sole weights: with safetensors present they are never read.
     fetch_pickle = allow_pickle and WEIGHTS_NAME not in files
-    folder = Path(snapshot_download(
-        repo_id, revision=sha, allow_patterns=_allow_patterns(allow_pickle=fetch_pickle, dry_run=dry_run),
-        cache_dir=cache_dir, token=token, endpoint=endpoint, library_name="agme", library_version=__version__,
-        etag_timeout=hub_timeout(),
-    ))
-    _remember_ref(folder, requested or "main", sha)
+
+    def download(patterns: list[str]) -> Path:
+        return Path(snapshot_download(
+            repo_id, revision=sha, allow_patterns=patterns, cache_dir=cache_dir, token=token, endpoint=endpoint,
+            library_name="agme", library_version=__version__, etag_timeout=hub_timeout(),
+        ))
+
+    # config.json first: a repo agme cannot use is refused before its weights are downloaded.
+    folder = download(_allow_patterns(allow_pickle=False, dry_run=True))
     _check_timm_folder(folder, files, where=f"{repo_id}@{sha[:12]}", allow_pickle=allow_pickle)
+    if not dry_run:
+        folder = download(_allow_patterns(allow_pickle=fetch_pickle, dry_run=False))
+    _remember_ref(folder, requested or "main", sha)
     return ResolvedSource(source, "hub", repo_id, sha, requested, folder, files, _read_license(folder),
                           dry_run=dry_run)
 

@@ -517,3 +517,14 @@ def test_ctrl_c_during_start_up_prints_no_traceback():
     if proc.returncode == 0:
         pytest.skip("the imports finished within 0.5 s: nothing to interrupt on this machine")
     assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted while starting; nothing was done"]
+
+
+def test_a_bad_config_on_the_hub_is_refused_before_the_weights_are_downloaded(hub_env, tiny_model, data3, tmp_path):
+    files = read_folder(tiny_model)
+    config = json.loads(files[CONFIG_NAME])
+    config["architecture"] = "no_such_net"
+    hub_env.server.commit("org/badconfig", {**files, CONFIG_NAME: json.dumps(config).encode()})
+    line = one_line_error(agme("clean", "org/badconfig", "--data", data3, *CHEAP, "--out", tmp_path / "out"),
+                          errors.InvalidConfigError.exit_code)
+    assert "no_such_net" in line and "org/badconfig" in line
+    assert not [r for r in hub_env.server.requests if r.path.endswith(WEIGHTS_NAME)], "no weights downloaded"
