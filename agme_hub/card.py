@@ -564,6 +564,7 @@ def rerender_card(folder: str | os.PathLike[str], *, overwrite: bool = False) ->
         RepoNotFoundError: When the folder does not exist.
         UsageError: When the folder has no readable report.
         OutputExistsError: When the folder holds someone else's README.md and ``overwrite`` is False.
+        ReportError: When the report lacks the results a card shows (an unfinished run).
         ValueError: When the rendered card does not validate.
     """
     from .errors import ReportError

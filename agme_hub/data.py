@@ -171,6 +171,8 @@ def load_npz(path: str | os.PathLike[str], label_names: list[str] | None = None)
                 raise DataError(f"{path}: an .npz needs arrays 'x' and 'y', found {', '.join(npz.files) or 'none'}")
             images, labels = npz["x"], npz["y"]
             stored_names = [str(n) for n in npz["label_names"]] if "label_names" in npz else None
+    except DataError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError) as err:
         # numpy's own message for a non-.npz file suggests loading it with allow_pickle: agme never does.
         why = ("it holds pickled objects, which agme never loads" if "pickle" in str(err)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, REPORT_NAME, WEIGHTS_NAME
 from .errors import AgmeError, PushError
-from .sources import make_hub_api, map_hub_error
+from .sources import hub_timeout, make_hub_api, map_hub_error
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -106,7 +106,7 @@ def push_folder(
     target = revision or "main"
     try:
         repo_url = str(api.create_repo(repo_id, token=token, private=private, exist_ok=True))
-        info = api.model_info(repo_id, revision=target, files_metadata=True, token=token)
+        info = api.model_info(repo_id, revision=target, files_metadata=True, token=token, timeout=hub_timeout())
         remote = {s.rfilename: s for s in info.siblings or ()}
         changed = tuple(path for path in local if not _same_file(local[path], remote.get(path)))
         if not changed or _only_run_details_differ(api, repo_id, local, remote, changed, revision=str(info.sha),

@@ -91,12 +91,15 @@ class CleanOptions:
     def from_dict(cls, values: dict[str, Any], *, where: str = "options") -> "CleanOptions":
         """Build from a mapping (a jobs-file entry); unknown fields and wrong types name the field."""
         hints = get_type_hints(cls)
-        known = {f.name for f in fields(cls)}
+        known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name not in known:
                 raise UsageError(f"{where}: unknown field {key!r}")
+            if known[name].metadata.get("secret") and value is not None and not isinstance(value, str):
+                # never echo a secret, not even a malformed one, in an error message
+                raise UsageError(f"{where}: field {key!r} must be a string (its value is not shown)")
             kwargs[name] = _coerce(value, hints[name], f"{where}: field {key!r}")
         return cls(**kwargs)
 

@@ -155,6 +155,13 @@ def check_output_writable(out: Path) -> None:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

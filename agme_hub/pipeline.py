@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__
 from .card import write_card
 from .checkpoint import atomic_output_dir, load_model, read_config, save_model, sha256_file
-from .constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
+from .constants import CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from .data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
 from .engine import clean, inspect_layers
 from .errors import ClassMismatchError, DataError, UsageError

@@ -172,9 +172,6 @@ def hub_timeout() -> float:
     return 30.0
 
 
-_TIMEOUT_INSTALLED: list[float] = []
-
-
 def _install_client_timeout() -> None:
     """Make huggingface_hub's shared client time out (its factory builds it with ``timeout=None``)."""
     try:

@@ -131,3 +131,11 @@ def test_reports_and_cards_hold_no_token(hub_env, monkeypatch, tiny_model, data3
     assert result.exit_code == 0, result.output
     assert SECRET not in result.output and SECRET not in files_text(out)
     assert SECRET not in "\n".join(v.decode("utf-8", "replace") for v in hub_env.server.files("me/tiny-agme").values())
+
+
+def test_a_malformed_jobs_file_token_is_not_echoed(tmp_path):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"jobs": [{"source": "org/x", "data": "fashion-mnist", "token": [SECRET]}]}))
+    result = agme("batch", jobs, "--out-root", tmp_path / "root")
+    assert result.exit_code in (errors.JobsFileError.exit_code, errors.UsageError.exit_code), result.output
+    assert "token" in result.stderr and SECRET not in result.output
