@@ -6,11 +6,24 @@ stdout with ``--json``). Errors become one line on stderr and the error's exit c
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    sys.stderr.write("error: interrupted while starting; nothing was done\n")
+    raise SystemExit(130)
+
+
+# Importing torch, timm and huggingface_hub takes seconds: a Ctrl-C then must not print a 70-line traceback.
+# The handler is put back as it was once the imports below are done.
+_SIGINT_BEFORE_IMPORTS = (signal.signal(signal.SIGINT, _interrupted_while_starting)
+                          if threading.current_thread() is threading.main_thread() else None)
+
 import contextlib
 import functools
 import json
-import os
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +37,9 @@ import agme_hub as api
 from agme_hub import batch as batch_api
 from agme_hub.lab import bench as bench_api
 from agme_hub.options import option_help
+
+if _SIGINT_BEFORE_IMPORTS is not None:
+    signal.signal(signal.SIGINT, _SIGINT_BEFORE_IMPORTS)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Remove backdoors from image classifiers by activation-guided model editing.")
@@ -61,8 +77,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except api.errors.AgmeError as err:
             if api.constants.is_debug():
                 raise
-            message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            _fail(_scrub(message, kwargs.get("token")), err.exit_code)
+            _fail(_scrub(api.errors.one_line(err), kwargs.get("token")), err.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; no output was left half-written", 130)
         except (typer.Exit, typer.Abort, SystemExit):
@@ -70,18 +85,16 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:  # a bug or an unmapped library error: still one line
             if api.constants.is_debug():
                 raise
-            first = str(err).splitlines()[0] if str(err) else ""
+            first = api.errors.one_line(err) if str(err).strip() else ""
             _fail(_scrub(f"{type(err).__name__}: {first} (set AGME_DEBUG=1 for a traceback)", kwargs.get("token")), 1)
 
     return wrapper
 
 
 def _scrub(message: str, token: Any) -> str:
-    """Remove the --token value (and HF_TOKEN's) from a message: errors of other libraries may quote it."""
-    for secret in (token, os.environ.get("HF_TOKEN")):
-        if isinstance(secret, str) and len(secret) >= 8:
-            message = message.replace(secret, "***")
-    return message
+    """Remove every token agme can resolve (--token, HF_TOKEN, the saved login) from a message: errors of
+    other libraries may quote the Authorization header back."""
+    return api.redact.scrub(message, api.redact.known_tokens(token if isinstance(token, str) else None))
 
 
 @contextlib.contextmanager
@@ -262,9 +275,11 @@ def push(folder: Annotated[Path, typer.Argument(help="An agme output folder.")],
 
 @app.command(rich_help_panel="Hub")
 @handle_errors
-def card(folder: Annotated[Path, typer.Argument(help="An agme output folder.")]) -> None:
+def card(folder: Annotated[Path, typer.Argument(help="An agme output folder.")],
+         yes: Annotated[bool, typer.Option("--yes", "-y", help="Replace a README.md that agme did not write.")] = False,
+         ) -> None:
     """Re-render the model card of an output folder from its agme_report.json, and validate it."""
-    path = api.rerender_card(folder)
+    path = api.rerender_card(folder, overwrite=yes)
     err_console.print(f"card written and valid: {path}")
 
 

@@ -15,6 +15,7 @@ finished folder; batch), ``lab`` (backdoor training, baselines, bench, demo). Se
 
 from . import constants as constants
 from . import errors as errors
+from . import redact as redact
 from . import report as report
 from ._version import __version__ as __version__
 from .app import batch as batch
@@ -43,5 +44,5 @@ __all__ = [
     "__version__", "clean", "evaluate", "load", "save", "push", "run_clean", "run_demo", "inspect_source",
     "evaluate_source", "load_images", "parse_trigger", "train_backdoored", "BackdoorConfig", "CleanOptions",
     "CleanResult", "CleanReport", "ImageSet", "Metrics", "render_card", "rerender_card", "errors", "constants",
-    "report", "batch",
+    "report", "redact", "batch",
 ]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import zipfile
+from struct import error as struct_error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,17 +160,74 @@ def load_npz(path: str | os.PathLike[str], label_names: list[str] | None = None)
     """Load an ``.npz`` with ``x`` (N,H,W or N,H,W,C uint8) and ``y``; optional ``label_names``."""
     path = Path(path)
     try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                raise DataError(f"cannot read {path}: not a NumPy .npz archive (an .npz is a zip file)")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or type(err).__name__}") from None
+    try:
         with np.load(path, allow_pickle=False) as npz:
             if "x" not in npz or "y" not in npz:
                 raise DataError(f"{path}: an .npz needs arrays 'x' and 'y', found {', '.join(npz.files) or 'none'}")
             images, labels = npz["x"], npz["y"]
             stored_names = [str(n) for n in npz["label_names"]] if "label_names" in npz else None
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"cannot read {path}: {err}") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError) as err:
+        # numpy's own message for a non-.npz file suggests loading it with allow_pickle: agme never does.
+        why = ("it holds pickled objects, which agme never loads" if "pickle" in str(err)
+               else f"not a NumPy .npz archive ({type(err).__name__})")
+        raise DataError(f"cannot read {path}: {why}") from None
     if images.dtype != np.uint8:
         raise DataError(f"{path}: 'x' must be uint8 pixels, got {images.dtype}")
+    if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "b" and labels.size):
+        raise DataError(f"{path}: 'y' must hold integer class indices, got {labels.dtype} (map label names to "
+                        "indices and store the names as 'label_names')")
+    if labels.size == 0 or images.ndim not in (3, 4):
+        raise DataError(f"{path}: 'x' must be images (N,H,W) or (N,H,W,C) and 'y' N labels, got "
+                        f"{tuple(images.shape)} and {tuple(labels.shape)}")
     names = label_names or stored_names or [str(i) for i in range(int(labels.max()) + 1)]
     return ImageSet(images, labels, names, path.name)
+
+
+# Larger images are refused before they are decoded: a 144-Mpx PNG would take ~432 MB, and agme's models take
+# small inputs; PIL's decompression-bomb limit (89 Mpx) is far above what agme ever needs.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _read_image(file: Path) -> np.ndarray:
+    """One image file as uint8 (H,W) grey or (H,W,3) RGB; 16-bit images are scaled to 8 bits, not clipped."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: refused below with one line instead
+            img = Image.open(file)
+        with img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DataError(f"image {file} is {width}x{height} ({width * height / 1e6:.0f} Mpx), above agme's "
+                                f"limit of {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx; resize it first")
+            img.load()
+            if img.mode.startswith("I;16") or img.mode == "I":
+                # 16-bit grey: 0..65535 maps to 0..255 (a plain convert("L") would clip 99% of pixels to 255).
+                # A 32-bit "I" image whose values fit 8 bits is taken as it is.
+                wide = np.asarray(img, dtype=np.float64)
+                if img.mode.startswith("I;16") or wide.max() > 255:
+                    wide = wide / 257.0
+                return np.clip(np.rint(wide), 0, 255).astype(np.uint8)
+            return np.asarray(img.convert("L" if img.mode in ("L", "1", "LA") else "RGB"))
+    except DataError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise DataError(f"image {file} is far above agme's limit of {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx "
+                        f"({str(err)[:60]}...); resize it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            MemoryError, EOFError, IndexError, TypeError, struct_error) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise DataError(f"cannot read image {file}: {first}") from None
 
 
 def load_image_folder(path: str | os.PathLike[str], label_names: list[str] | None = None) -> ImageSet:
@@ -178,8 +236,6 @@ def load_image_folder(path: str | os.PathLike[str], label_names: list[str] | Non
     Sorted sub-folder names give the class indices, unless ``label_names`` (from the model config) is
     given: then each sub-folder must be one of those names and takes its index.
     """
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(path)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not classes:
@@ -197,12 +253,7 @@ def load_image_folder(path: str | os.PathLike[str], label_names: list[str] | Non
         for file in sorted((root / cls).iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
-                with Image.open(file) as img:
-                    img.load()
-                    images.append(np.asarray(img.convert("L" if img.mode in ("L", "1", "I", "I;16") else "RGB")))
-            except (UnidentifiedImageError, OSError) as err:
-                raise DataError(f"cannot read image {file}: {err}") from None
+            images.append(_read_image(file))
             labels.append(index[cls])
     if not images:
         raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class sub-folders")

@@ -11,8 +11,9 @@ __all__ = [
     "ShapeMismatchError", "ClassMismatchError", "UnsupportedFormatError", "UnsupportedArchitectureError",
     "PickleRefusedError", "LayerNotFoundError", "RepoNotFoundError", "GatedRepoError",
     "UnauthorizedError", "RevisionNotFoundError", "OfflineCacheMissError", "NetworkError",
-    "OutputExistsError", "PushError", "JobsFileError", "BatchFailedError", "WriteVerificationError",
-    "CardValidationError", "one_line",
+    "OutputExistsError", "PushError", "JobsFileError", "BatchFailedError", "InvalidConfigError",
+    "InvalidWeightsError", "OutputOverlapsInputError", "OutputNotWritableError", "ReportError",
+    "WriteVerificationError", "CardValidationError", "one_line",
 ]
 
 
@@ -76,6 +77,18 @@ class UnsupportedArchitectureError(AgmeError, ValueError):
     """Raised when the engine cannot edit a model: no editable layer, or a layer kind it refuses."""
 
     exit_code = 11
+
+
+class InvalidConfigError(UnsupportedFormatError):
+    """Raised when config.json is a timm config but a field is unusable (type, range, encoding); names the field."""
+
+    exit_code = 14
+
+
+class InvalidWeightsError(UnsupportedFormatError):
+    """Raised when the weights hold NaN/Inf values or do not fit the architecture; names the tensor."""
+
+    exit_code = 15
 
 
 class PickleRefusedError(AgmeError, PermissionError):
@@ -152,13 +165,31 @@ class BatchFailedError(AgmeError, RuntimeError):
     exit_code = 32
 
 
+class OutputOverlapsInputError(AgmeError, ValueError):
+    """Raised when the output folder is, contains or lies inside an input (the source model or the data)."""
+
+    exit_code = 33
+
+
+class OutputNotWritableError(AgmeError, PermissionError):
+    """Raised when the output folder (or the folder it would be created in) cannot be written."""
+
+    exit_code = 34
+
+
+class ReportError(AgmeError, ValueError):
+    """Raised when an output folder's agme_report.json lacks what a command needs (e.g. metrics for a card)."""
+
+    exit_code = 35
+
+
 class WriteVerificationError(AgmeError, OSError):
     """Raised when a written weights file, read back, does not hold what the model holds (disk or I/O fault)."""
 
-    exit_code = 33
+    exit_code = 36
 
 
 class CardValidationError(AgmeError, ValueError):
     """Raised when a rendered model card does not validate (metadata the Hub or agme needs is missing)."""
 
-    exit_code = 34
+    exit_code = 37

@@ -6,6 +6,8 @@ Each field's ``help`` is the text the CLI shows; a jobs-file entry takes exactly
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
@@ -13,6 +15,9 @@ from .constants import DEFAULT_AUGMENT_COPIES, DEFAULT_GAMMA, DEFAULT_TARGET_WEI
 from .errors import UsageError
 
 __all__ = ["CleanOptions", "option_help"]
+
+# A Hub repo id, as the Hub accepts it: "org/name", letters, digits, "-", "_", "." (no "--" or "..").
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9_.\-]{1,96}$")
 
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -60,10 +65,23 @@ class CleanOptions:
     def __post_init__(self) -> None:
         if self.per_class < 1:
             raise UsageError(f"--per-class must be at least 1, got {self.per_class}")
+        if self.eval_per_class is not None and self.eval_per_class < 1:
+            raise UsageError(f"--eval-per-class must be at least 1, got {self.eval_per_class}")
+        # NaN passes every "<= 0" test and infinity every ">= 0": both must be refused by name.
+        for flag, value in (("--lam", self.lam), ("--gamma", self.gamma), ("--target-weight", self.target_weight)):
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"{flag} must be a finite number, got {value}")
         if self.lam is not None and self.lam <= 0:
             raise UsageError(f"--lam must be > 0, got {self.lam}")
         if self.gamma < 0 or self.target_weight <= 0 or self.augment_copies < 0:
             raise UsageError("--gamma must be >= 0, --target-weight > 0 and --augment-copies >= 0")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
+        if self.inversion_steps < 0:
+            raise UsageError(f"--inversion-steps must be >= 0, got {self.inversion_steps}")
+        if self.push_to is not None and (not _REPO_ID.fullmatch(self.push_to) or ".." in self.push_to
+                                         or "--" in self.push_to):
+            raise UsageError(f"--push-to must be a Hub repo id ORG/NAME, got {self.push_to!r}")
         if self.bn_stats not in ("keep", "recompute"):
             raise UsageError(f"--bn-stats must be keep or recompute, got {self.bn_stats!r}")
         if self.create_pr and not self.push_to:
@@ -73,12 +91,15 @@ class CleanOptions:
     def from_dict(cls, values: dict[str, Any], *, where: str = "options") -> "CleanOptions":
         """Build from a mapping (a jobs-file entry); unknown fields and wrong types name the field."""
         hints = get_type_hints(cls)
-        known = {f.name for f in fields(cls)}
+        known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name not in known:
                 raise UsageError(f"{where}: unknown field {key!r}")
+            if known[name].metadata.get("secret") and value is not None and not isinstance(value, str):
+                # never echo a secret, not even a malformed one, in an error message
+                raise UsageError(f"{where}: field {key!r} must be a string (its value is not shown)")
             kwargs[name] = _coerce(value, hints[name], f"{where}: field {key!r}")
         return cls(**kwargs)
 

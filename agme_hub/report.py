@@ -313,6 +313,8 @@ class CleanReport:
     asr_measured_with: str | None = None  # prose for readers; code reads ``asr_trigger``
     timing: dict[str, float] | None = None  # stage -> seconds, in the order the stages ran
     provenance: Provenance = field(default_factory=Provenance)
+    # every file agme wrote beside the report, with its sha256: what makes the folder agme's (hub/outputs.py)
+    output_files: dict[str, str] | None = None
     # a dry run
     candidate_layers: dict[str, list[str]] | None = None
     files: list[str] | None = None
@@ -359,14 +361,19 @@ class CleanReport:
         if self.timing is not None:
             out["timing"] = self.timing
         out["provenance"] = self.provenance.to_json()
+        if self.output_files is not None:
+            out["output_files"] = self.output_files
         return out
 
     def to_text(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
 
     def same_result(self, other: "CleanReport") -> bool:
-        """Equal but for how long it took and where it was pushed: a re-run that changed nothing."""
-        ignore = {"timing": None, "push": None}
+        """Equal but for how long it took and where it was pushed: a re-run that changed nothing.
+
+        The list of written files is ignored too: it holds the card's sha256, which changes with the timings.
+        """
+        ignore = {"timing": None, "push": None, "output_files": None}
         return dataclasses.replace(self, **ignore) == dataclasses.replace(other, **ignore)
 
     @classmethod
@@ -401,6 +408,8 @@ class CleanReport:
             candidate_layers=({str(k): _strings(v) or [] for k, v in layers.items()}
                               if isinstance(layers, Mapping) else None),
             files=_strings(values.get("files")), source_files=_strings(values.get("source_files")),
+            output_files=({str(k): v for k, v in files.items() if isinstance(v, str)}
+                          if isinstance(files := values.get("output_files"), Mapping) else None),
         )
 
     def write(self, folder: str | os.PathLike[str]) -> Path:

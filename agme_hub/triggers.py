@@ -14,7 +14,9 @@ Kinds: ``patch`` (BadNets), ``blend``, ``image`` (pattern + grey-level mask, the
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +31,7 @@ __all__ = [
     "parse_trigger", "PRESETS", "TRIGGER_KINDS",
 ]
 
+_HEX_COLOUR = re.compile(r"^#[0-9a-f]{6}$")
 _CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 _COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "red": (255, 0, 0), "green": (0, 255, 0),
             "blue": (0, 0, 255), "yellow": (255, 255, 0), "grey": (128, 128, 128)}
@@ -53,7 +56,7 @@ def _load_picture(path: str, shape: tuple[int, int, int], resize: bool, what: st
     if not file.is_file():
         raise TriggerSpecError(f"{what} file not found: {path}")
     if file.suffix == ".npy":
-        arr = np.load(file, allow_pickle=False).astype(np.float32)
+        arr = _load_npy(file, what)
         if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
             arr = arr.transpose(1, 2, 0)
         if arr.ndim == 2:
@@ -84,6 +87,34 @@ def _load_picture(path: str, shape: tuple[int, int, int], resize: bool, what: st
             arr = arr / 255.0
     if arr.shape[-1] != c and not grey:
         arr = arr.mean(-1, keepdims=True) if c == 1 else np.repeat(arr[..., :1], c, axis=-1)
+    return arr
+
+
+def _load_npy(file: Path, what: str) -> np.ndarray:
+    """A numeric .npy of 2 or 3 dimensions with finite values; pickled or other arrays are refused by name."""
+    try:
+        with open(file, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as err:
+        raise TriggerSpecError(f"cannot read {what} {file}: {err.strerror or type(err).__name__}") from None
+    if magic != b"\x93NUMPY":
+        raise TriggerSpecError(f"cannot read {what} {file}: not a NumPy .npy file")
+    try:
+        arr = np.load(file, allow_pickle=False)
+    except ValueError as err:
+        why = "it holds pickled objects, which agme never loads" if "pickle" in str(err) else "it is not a NumPy array"
+        raise TriggerSpecError(f"cannot read {what} {file}: {why}") from None
+    except (OSError, EOFError) as err:
+        raise TriggerSpecError(f"cannot read {what} {file}: {type(err).__name__}") from None
+    if arr.dtype.kind not in "biuf":
+        raise TriggerSpecError(f"{what} {file} must hold numbers, got dtype {arr.dtype}")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and 1 not in (arr.shape[0], arr.shape[-1])
+                                  and 3 not in (arr.shape[0], arr.shape[-1])):
+        raise TriggerSpecError(f"{what} {file} must be an image array (H,W), (H,W,C) or (C,H,W), got shape "
+                               f"{tuple(arr.shape)}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise TriggerSpecError(f"{what} {file} holds NaN or infinite values")
     return arr
 
 
@@ -163,6 +194,9 @@ class PatchTrigger(Trigger):
         if self.pos in _CORNERS:
             top = {"top": m, "bottom": H - ph - m, "center": (H - ph) // 2}[self.pos.split("-")[0]]
             left = {"left": m, "right": W - pw - m, "center": (W - pw) // 2}[self.pos.split("-")[-1]]
+            if not (0 <= left <= W - pw and 0 <= top <= H - ph):
+                raise ShapeMismatchError(f"patch {pw}x{ph} at {self.pos} with margin {m} does not fit images of "
+                                         f"{W}x{H}")
         else:
             try:
                 left, top = (int(v) for v in self.pos.split(","))
@@ -185,7 +219,7 @@ class PatchTrigger(Trigger):
             patch = np.repeat(grid[..., None], C, axis=2)
         elif fill == "noise":
             patch = np.random.default_rng(self.seed).integers(0, 256, (ph, pw, C)).astype(np.float32)
-        elif fill.startswith("#") and len(fill) == 7:
+        elif _HEX_COLOUR.fullmatch(fill):
             rgb = np.array([int(fill[i:i + 2], 16) for i in (1, 3, 5)], np.float32)
             patch = np.broadcast_to(rgb if C == 3 else rgb.mean(keepdims=True), (ph, pw, C))
         elif Path(self.fill).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".npy"):
@@ -365,7 +399,9 @@ def _build(kind: str, values: dict[str, Any]) -> Trigger:
                 kwargs[key] = str(value).lower() in {"true", "1", "yes"}
             else:
                 kwargs[key] = str(value)
-        except ValueError:
+            if isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):
+                raise ValueError(value)
+        except (ValueError, TypeError, OverflowError, ZeroDivisionError):
             raise TriggerSpecError(f"{kind} trigger field {key}={value!r} is not a valid {target}") from None
     trigger = cls(**kwargs)
     _validate(trigger)
@@ -374,10 +410,16 @@ def _build(kind: str, values: dict[str, Any]) -> Trigger:
 
 def _validate(trigger: Trigger) -> None:
     """Catch spec errors that do not need an image at parse time rather than mid-run."""
+    for name in ("seed", "margin"):
+        value = getattr(trigger, name, 0)
+        if not 0 <= value < 2**32:
+            raise TriggerSpecError(f"{trigger.kind} trigger field {name} must be in 0..{2**32 - 1}, got {value}")
     if isinstance(trigger, PatchTrigger):
         _parse_size(trigger.size)
         fill = trigger.fill.lower()
-        if not (fill in _COLOURS or fill in ("checker", "noise") or (fill.startswith("#") and len(fill) == 7)
+        if fill.startswith("#") and not _HEX_COLOUR.fullmatch(fill):
+            raise TriggerSpecError(f"fill {trigger.fill!r}: a colour is # and six hex digits, e.g. #ff8800")
+        if not (fill in _COLOURS or fill in ("checker", "noise") or _HEX_COLOUR.fullmatch(fill)
                 or Path(trigger.fill).is_file()):
             raise TriggerSpecError(f"fill {trigger.fill!r}: use white, black, red, green, blue, yellow, grey, "
                                    "checker, noise, #rrggbb or an existing PNG path")
@@ -396,6 +438,8 @@ def _validate(trigger: Trigger) -> None:
         trigger._eps()
         if trigger.delta != "noise" and not Path(trigger.delta).is_file():
             raise TriggerSpecError(f"additive delta file not found: {trigger.delta}")
+        if trigger.delta.endswith(".npy"):
+            _load_npy(Path(trigger.delta), "additive delta")
     elif isinstance(trigger, LSBTrigger) and not 1 <= trigger.bits <= 4:
         raise TriggerSpecError(f"lsb bits must be 1..4, got {trigger.bits}")
 

@@ -17,20 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub
+import numpy as np
 import safetensors
 import timm
 import torch
 
 from .._version import __version__
-from ..constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
+from ..constants import CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from ..data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
 from ..engine import clean, inspect_layers
 from ..engine.layers import resolve_layers
 from ..engine.metrics import measure
-from ..errors import ClassMismatchError, OutputExistsError, UsageError
+from ..errors import ClassMismatchError, DataError, UsageError
 from ..hub.card import write_card
 from ..hub.checkpoint import (atomic_output_dir, build_model, describe_format, label_names, load_model, parse_config,
                               read_config, save_model, sha256_file)
+from ..hub.outputs import check_output_dir, check_output_overlap, check_output_writable, output_files
 from ..hub.push import push_folder
 from ..hub.sources import ResolvedSource, resolve_source
 from ..options import CleanOptions
@@ -39,7 +41,7 @@ from ..report import (CleanReport, DataRecord, Evaluation, MethodRecord, MetricV
 from ..triggers import MaskTrigger, parse_trigger
 
 __all__ = ["run_clean", "push_output", "inspect_source", "evaluate_source",
-           "resolve_target", "default_output_dir", "library_versions", "check_output_dir", "SURROGATE_DIR",
+           "resolve_target", "default_output_dir", "library_versions", "SURROGATE_DIR",
            "Reporter"]
 
 SURROGATE_DIR = "surrogate_trigger"
@@ -75,17 +77,24 @@ def default_output_dir(resolved: ResolvedSource) -> Path:
     return Path.cwd() / f"{name}-agme"
 
 
-def check_output_dir(out: Path, *, yes: bool) -> None:
-    """An existing folder may be replaced only if agme wrote it, or if the user said ``--yes``."""
-    if not out.exists() or yes:
-        return
-    if not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder; choose another --out")
-    entries = list(out.iterdir())
-    card = out / CARD_NAME
-    ours = (out / REPORT_NAME).is_file() and (not card.exists() or AGME_MARKER in card.read_text(errors="ignore"))
-    if entries and not ours:
-        raise OutputExistsError(f"{out} exists and holds files agme did not write; choose another --out or pass --yes")
+def _check_output(out: Path, options: CleanOptions, *, source_dir: str | os.PathLike[str] | None) -> None:
+    """Everything about ``--out`` that can fail, checked before any download or model run."""
+    check_output_overlap(out, {"source model": source_dir, "data": options.data, "evaluation data": options.eval_data,
+                               "trigger file": options.trigger})
+    check_output_writable(out)
+    check_output_dir(out, yes=options.yes)
+
+
+def _check_classes(edit_set: ImageSet, eval_set: ImageSet, target: int | None, has_trigger: bool) -> None:
+    """Refuse data from which the backdoor cannot be removed or measured: one class only."""
+    present = np.unique(np.concatenate([edit_set.labels, eval_set.labels]))
+    if len(present) < 2:
+        only = edit_set.label_names[int(present[0])]
+        raise DataError(f"--data holds images of one class only ({only!r}); agme needs clean images of several "
+                        "classes to edit the model and to measure the attack success")
+    if has_trigger and target is not None and not (eval_set.labels != target).any():
+        raise DataError("the evaluation images are all of the target class, so the attack success cannot be "
+                        "measured; pass --eval-data with images of other classes")
 
 
 def _command(source: str, options: CleanOptions) -> str:
@@ -136,13 +145,17 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     if not options.data:
         raise UsageError("--data is required: an image folder, an .npz or a built-in dataset name")
     trigger = parse_trigger(options.trigger) if options.trigger is not None else None
+    local_source = Path(source.removeprefix("local-dir:")).expanduser()
+    if options.out and not options.dry_run:  # before any download: a bad --out must not cost a pull
+        _check_output(Path(options.out).expanduser().resolve(), options,
+                      source_dir=local_source if local_source.exists() else None)
     say("resolving the source")
     resolved = resolve_source(source, revision=options.revision, token=options.token, offline=options.offline,
                               allow_pickle=options.allow_pickle, dry_run=options.dry_run, endpoint=endpoint)
     config = read_config(resolved.local_dir)
-    out = Path(options.out).resolve() if options.out else default_output_dir(resolved)
+    out = Path(options.out).expanduser().resolve() if options.out else default_output_dir(resolved)
     if not options.dry_run:
-        check_output_dir(out, yes=options.yes)
+        _check_output(out, options, source_dir=resolved.local_dir)
     names = label_names(config)
     target = resolve_target(options.target, names)
     base = CleanReport(
@@ -160,6 +173,9 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     say("loading the model")
     model = load_model(resolved.local_dir, allow_pickle=options.allow_pickle)
     edit_set, eval_set, eval_what = _load_data(options, names)
+    _check_classes(edit_set, eval_set, target, trigger is not None)
+    if trigger is not None:  # a trigger that does not fit these images fails now, not after the clean
+        trigger.apply(edit_set.images[:1])
     timing["load"] = time.perf_counter() - start
     preprocess = Preprocessor.from_model(model)
 
@@ -227,6 +243,9 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
             provenance=Provenance(weights_sha256=sha256_file(tmp / WEIGHTS_NAME), versions=library_versions()))
         record.write(tmp)
         write_card(tmp, record, overwrite=True)
+        # Last: the list of what agme wrote, which makes this folder replaceable without --yes (hub/outputs.py).
+        record = record.replace(output_files=output_files(tmp))
+        record.write(tmp)
     if options.push_to:
         say(f"pushing to {options.push_to}")
         record = push_output(out, options.push_to, token=options.token, private=options.private,

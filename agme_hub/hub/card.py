@@ -21,9 +21,10 @@ import jinja2
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..constants import AGME_MARKER, CARD_NAME
-from ..errors import CardValidationError, OutputExistsError, RepoNotFoundError
+from ..constants import AGME_MARKER, CARD_NAME, REPORT_NAME
+from ..errors import CardValidationError, OutputExistsError, RepoNotFoundError, ReportError
 from ..report import CleanReport, PlannedPush, PushRecord, format_change, format_percent, write_text_atomic
+from .outputs import record_written
 
 __all__ = ["TEMPLATE_NAME", "template_path", "render_card", "validate_card", "write_card", "rerender_card"]
 
@@ -520,9 +521,17 @@ def rerender_card(folder: str | os.PathLike[str], *, overwrite: bool = False) ->
         RepoNotFoundError: When the folder does not exist.
         UsageError: When the folder has no readable report.
         OutputExistsError: When the folder holds someone else's README.md and ``overwrite`` is False.
+        ReportError: When the report lacks the results a card shows (an unfinished run).
         CardValidationError: When the rendered card does not validate.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise RepoNotFoundError(f"folder {folder} does not exist: pass the output folder of `agme clean`")
-    return write_card(folder, CleanReport.load(folder), overwrite=overwrite)
+    report = CleanReport.load(folder)
+    missing = [part for part in ("before", "after") if getattr(report, part).clean_accuracy is None]
+    if report.status != "complete" or missing:
+        raise ReportError(f"{folder / REPORT_NAME} has no {(missing or ['complete'])[0]!r} results (status "
+                          f"{report.status or 'unknown'!r}): only a complete `agme clean` run has a card")
+    path = write_card(folder, report, overwrite=overwrite)
+    record_written(folder, [CARD_NAME])
+    return path

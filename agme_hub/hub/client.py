@@ -6,9 +6,11 @@ Both the pull side (:mod:`.sources`) and the push side (:mod:`.push`) use them, 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._version import __version__
 from ..errors import (
@@ -23,11 +25,12 @@ from ..errors import (
     UnsupportedFormatError,
     UsageError,
 )
+from ..redact import known_tokens, scrub
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-__all__ = ["HubAction", "make_hub_api", "map_hub_error", "hub_offline_mode"]
+__all__ = ["HubAction", "make_hub_api", "map_hub_error", "hub_offline_mode", "hub_timeout"]
 
 _HTTP_LIBS = {"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"}
 
@@ -35,11 +38,52 @@ HubAction = Literal["read", "push"]
 
 
 def make_hub_api(*, token: str | None = None, endpoint: str | None = None) -> HfApi:
-    """The one way agme builds an ``HfApi``: tagged ``agme/<version>`` in the user agent, as timm does."""
+    """The one way agme builds an ``HfApi``: tagged ``agme/<version>`` in the user agent, as timm does.
+
+    It also gives huggingface_hub's shared HTTP client a timeout (see :func:`hub_timeout`): its default has
+    none, and a server that accepts the connection but never answers would hang agme forever.
+    """
     from huggingface_hub import HfApi
 
-
+    _install_client_timeout()
     return HfApi(endpoint=endpoint, token=token, library_name="agme", library_version=__version__)
+
+
+def hub_timeout() -> float:
+    """Seconds agme waits for the Hub to answer a request: ``AGME_HUB_TIMEOUT``, else huggingface_hub's
+    ``HF_HUB_ETAG_TIMEOUT`` when set, else 30. Downloads follow ``HF_HUB_DOWNLOAD_TIMEOUT`` as usual."""
+    for name in ("AGME_HUB_TIMEOUT", "HF_HUB_ETAG_TIMEOUT"):
+        try:
+            value = float(os.environ.get(name, ""))
+        except ValueError:
+            continue
+        if value > 0:
+            return value
+    return 30.0
+
+
+def _install_client_timeout() -> None:
+    """Make huggingface_hub's shared client time out (its factory builds it with ``timeout=None``)."""
+    try:
+        from huggingface_hub.utils import _http
+    except ImportError:
+        return
+    seconds = hub_timeout()
+    factory = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
+    default = getattr(_http, "default_client_factory", None)
+    if default is None or not callable(getattr(_http, "set_client_factory", None)):
+        return  # an older release (requests): its calls take explicit timeouts
+    installed = getattr(factory, "_agme_timeout", None)
+    if (factory is not default and installed is None) or installed == seconds:
+        return  # the user's own factory wins; or ours is in place already
+
+    def client_with_timeout() -> Any:
+        client = default()
+        client.timeout = seconds
+        return client
+
+    client_with_timeout._agme_timeout = seconds  # type: ignore[attr-defined]
+    _http.set_client_factory(client_with_timeout)
 
 
 # huggingface_hub errors -> agme errors
@@ -133,18 +177,29 @@ def map_hub_error(
     Returns:
         The agme error to raise (one-line message, no token), or None when ``err`` is not a Hub error.
     """
-    detail = (str(getattr(err, "server_message", "") or err).strip().splitlines() or [""])[0][:200]
-    if token:
-        detail = detail.replace(token, "***")
+    detail = (str(getattr(err, "server_message", "") or err).strip().splitlines() or [""])[0]
+    detail = scrub(detail, known_tokens(token))[:200]
     repo = f"{repo_id}@{revision}" if revision else repo_id
     ctx = _Context(repo=repo, action=action, offline=offline, detail=detail or err.__class__.__name__)
     for name, build in _HUB_ERROR_TABLE:
         if isinstance(err, _hub_error(name)):
             return build(ctx, err)
+    if isinstance(err, json.JSONDecodeError) or (isinstance(err, (KeyError, TypeError)) and action == "read"
+                                                  and _raised_by_hub_client(err)):
+        return NetworkError(f"the Hub (or a proxy) answered {repo} with something that is not the Hub's JSON "
+                            f"({err.__class__.__name__}); check HF_ENDPOINT and try again later")
     if _is_connection_error(err):
         return NetworkError(f"cannot reach the Hub for {repo} ({err.__class__.__name__}); check the network "
                             "or use --offline with a filled cache")
     return None
+
+
+def _raised_by_hub_client(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err`` is in huggingface_hub (a response it could not parse)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "huggingface_hub" in tb.tb_frame.f_code.co_filename
 
 
 def _is_connection_error(err: BaseException) -> bool:

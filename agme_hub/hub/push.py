@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, REPORT_NAME, WEIGHTS_NAME
 from ..errors import AgmeError, PushError
 from ..report import CleanReport
-from .client import make_hub_api, map_hub_error
+from .client import hub_timeout, make_hub_api, map_hub_error
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -103,7 +103,7 @@ def push_folder(
     target = revision or "main"
     try:
         repo_url = str(api.create_repo(repo_id, token=token, private=private, exist_ok=True))
-        info = api.model_info(repo_id, revision=target, files_metadata=True, token=token)
+        info = api.model_info(repo_id, revision=target, files_metadata=True, token=token, timeout=hub_timeout())
         remote = {s.rfilename: s for s in info.siblings or ()}
         changed = tuple(path for path in local if not _same_file(local[path], remote.get(path)))
         if not changed or _only_run_details_differ(api, repo_id, local, remote, changed, revision=str(info.sha),
@@ -145,7 +145,13 @@ def _publishable_files(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         # Hidden entries are tool state (.cache/huggingface, .locks, editor files), never model content.
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        # A link may point anywhere (a token file, /etc/shadow): publishing its target could leak a secret.
+        if path.is_symlink():
+            raise PushError(f"{rel} in {folder} is a symbolic link; agme never publishes links (their target may "
+                            "be a secret): remove it or copy the file in; nothing was pushed")
+        if not path.is_file():
             continue
         if path.suffix.lower() in _PICKLE_SUFFIXES or path.name in PICKLE_WEIGHTS_NAMES:
             _logger.warning("not pushing %s: pickle files are never published", rel)

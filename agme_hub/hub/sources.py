@@ -25,7 +25,7 @@ from .._version import __version__
 from ..constants import CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME
 from ..errors import AgmeError, PickleRefusedError, RepoNotFoundError, UnsupportedFormatError, UsageError
 from .checkpoint import read_config
-from .client import hub_offline_mode, make_hub_api, map_hub_error
+from .client import hub_offline_mode, hub_timeout, make_hub_api, map_hub_error
 
 __all__ = ["ResolvedSource", "resolve_source"]
 
@@ -181,18 +181,27 @@ def _resolve_remote(
 
 
     api = make_hub_api(token=token, endpoint=endpoint)
-    info = api.model_info(repo_id, revision=requested)
+    # The revision is sent explicitly, "main" included, as snapshot_download does: mirrors such as olah answer
+    # /api/models/ORG/NAME/revision/REV but not the bare /api/models/ORG/NAME.
+    info = api.model_info(repo_id, revision=requested or "main", timeout=hub_timeout())
     sha = str(info.sha)
     files = tuple(sorted(s.rfilename for s in info.siblings or ()))
     _logger.info("resolved %s@%s to commit %s (%d files)", repo_id, requested or "default branch", sha, len(files))
     # Pickles are fetched only when they are the sole weights: with safetensors present they are never read.
     fetch_pickle = allow_pickle and WEIGHTS_NAME not in files
-    folder = Path(snapshot_download(
-        repo_id, revision=sha, allow_patterns=_allow_patterns(allow_pickle=fetch_pickle, dry_run=dry_run),
-        cache_dir=cache_dir, token=token, endpoint=endpoint, library_name="agme", library_version=__version__,
-    ))
-    _remember_ref(folder, requested or "main", sha)
+
+    def download(patterns: list[str]) -> Path:
+        return Path(snapshot_download(
+            repo_id, revision=sha, allow_patterns=patterns, cache_dir=cache_dir, token=token, endpoint=endpoint,
+            library_name="agme", library_version=__version__, etag_timeout=hub_timeout(),
+        ))
+
+    # config.json first: a repo agme cannot use is refused before its weights are downloaded.
+    folder = download(_allow_patterns(allow_pickle=False, dry_run=True))
     _check_timm_folder(folder, files, where=f"{repo_id}@{sha[:12]}", allow_pickle=allow_pickle)
+    if not dry_run:
+        folder = download(_allow_patterns(allow_pickle=fetch_pickle, dry_run=False))
+    _remember_ref(folder, requested or "main", sha)
     return ResolvedSource(source, "hub", repo_id, sha, requested, folder, files, _read_license(folder),
                           dry_run=dry_run)
 
@@ -246,7 +255,7 @@ def _check_timm_folder(folder: Path, files: tuple[str, ...], *, where: str, allo
         read_config(folder)
     except UnsupportedFormatError as err:
         # Name the repo, not the cache path the message was built with.
-        raise UnsupportedFormatError(str(err).replace(str(folder), where)) from None
+        raise type(err)(str(err).replace(str(folder), where)) from None
     if WEIGHTS_NAME in files:
         return
     pickles = [name for name in PICKLE_WEIGHTS_NAMES if name in files]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import AgmeError, one_line
+from ...redact import known_tokens, scrub
 from ...report import CleanReport
 from ..clean import push_output, run_clean
 from ._signals import INTERRUPT_JOB
@@ -61,11 +62,30 @@ def _on_interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # unwinds run_clean: atomic_output_dir removes its temporary folder
 
 
+class _ScrubbingWriter:
+    """A text stream that writes through to ``handle`` with every known token replaced by ``***``."""
+
+    def __init__(self, handle: Any, tokens: list[str]) -> None:
+        self._handle, self._tokens = handle, tokens
+
+    def write(self, text: str) -> int:
+        self._handle.write(scrub(text, self._tokens))
+        return len(text)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 @contextlib.contextmanager
-def job_log(path: Path) -> Iterator[Callable[[str], None]]:
-    """Everything the job says (its stages, warnings, prints, logging, traceback) goes to its ``job.log``."""
+def job_log(path: Path, token: str | None = None) -> Iterator[Callable[[str], None]]:
+    """Everything the job says (its stages, warnings, prints, logging, traceback) goes to its ``job.log``,
+    with every token agme knows of (the job's own, HF_TOKEN, the saved login) scrubbed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", buffering=1) as handle:
+    with open(path, "w", buffering=1) as raw_handle:
+        handle = _ScrubbingWriter(raw_handle, known_tokens(token))
         handler = logging.StreamHandler(handle)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root_logger = logging.getLogger()
@@ -93,7 +113,7 @@ def execute(job: Job, model_dir: str, log_path: str, mode: str, note: str, threa
     STATE.emit("start", job.name, {"pid": os.getpid(), "worker": worker, "started_at": start})
     base = replace(base, worker=worker, started_at=start)
     try:
-        with job_log(Path(log_path)) as log:
+        with job_log(Path(log_path), job.options.token) as log:
             log(f"job {job.name}: {job.source} on {worker}" + (f" (resume: {note})" if note else ""))
             try:
                 report = _work(job, Path(model_dir), mode, threads, log)
@@ -104,7 +124,8 @@ def execute(job: Job, model_dir: str, log_path: str, mode: str, note: str, threa
                 message = one_line(err)
                 if not isinstance(err, AgmeError):
                     message = f"{type(err).__name__}: {message}"
-                log(f"failed: {message}\n{traceback.format_exc()}")
+                message = scrub(message, known_tokens(job.options.token))
+                log(f"failed: {message}\n{traceback.format_exc()}")  # the log's writer scrubs the traceback
                 if STATE.stop is not None and STATE.stop_on_failure:
                     STATE.stop.set()
                 return replace(base, status="failed", seconds=time.time() - start, error=message,
