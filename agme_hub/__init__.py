@@ -41,5 +41,6 @@ from .triggers import parse_trigger as parse_trigger
 __all__ = [
     "__version__", "clean", "evaluate", "load", "save", "push", "run_clean", "run_demo", "inspect_source",
     "evaluate_source", "load_images", "parse_trigger", "train_backdoored", "BackdoorConfig", "CleanOptions",
-    "MethodOptions", "CleanResult", "ImageSet", "Metrics", "render_card", "rerender_card", "errors", "constants", "batch",
+    "MethodOptions", "CleanResult", "ImageSet", "Metrics", "render_card", "rerender_card", "errors", "constants",
+    "batch",
 ]
