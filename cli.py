@@ -22,8 +22,12 @@ _SIGINT_BEFORE_IMPORTS = (signal.signal(signal.SIGINT, _interrupted_while_starti
                           if threading.current_thread() is threading.main_thread() else None)
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import json
+import sys
+import typing
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +40,7 @@ from rich.table import Table
 import agme_hub as api
 from agme_hub import batch as batch_api
 from agme_hub.lab import bench as bench_api
-from agme_hub.options import option_help
+from agme_hub.options import cli_flags, option_help
 
 if _SIGINT_BEFORE_IMPORTS is not None:
     signal.signal(signal.SIGINT, _SIGINT_BEFORE_IMPORTS)
@@ -144,45 +148,55 @@ def _emit_json(record: Any) -> None:
     sys.stdout.write(json.dumps(values, indent=2, default=str) + "\n")
 
 
+def with_option_flags(options_class: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one flag per field of ``options_class`` (a dataclass), generated from the fields.
+
+    The command takes them as ``**flags``; the flag's names come from :func:`agme_hub.options.cli_flags`,
+    its help and panel from the field's ``help`` and ``group`` metadata, its type from the annotation
+    (a tuple is a repeatable flag). Adding a field to the options adds its flag.
+    """
+    hints = typing.get_type_hints(options_class)
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        generated = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                       annotation=Annotated[_flag_type(hints[f.name], f.metadata),
+                                                            typer.Option(*cli_flags(f), help=f.metadata["help"],
+                                                                         rich_help_panel=f.metadata["group"])])
+                     for f in dataclasses.fields(options_class)]
+        positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        command.__signature__ = inspect.Signature(positional + generated + keyword)  # type: ignore[attr-defined]
+        return command
+
+    return decorate
+
+
+def _flag_type(hint: Any, metadata: Any) -> Any:
+    """The type click parses a field's flag as: tuples become repeatable lists; ``path`` fields are Paths."""
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if typing.get_origin(base) is tuple:
+        base = list[typing.get_args(base)[0]]
+    elif metadata.get("path"):
+        base = Path
+    return Optional[base] if optional else base
+
+
+def _options_from_flags(options_class: type, flags: dict[str, Any]) -> Any:
+    """The options from parsed flags: a repeated flag given no times is None, a Path its text."""
+    values = {name: (tuple(value) or None) if isinstance(value, list) else str(value) if isinstance(value, Path)
+              else value for name, value in flags.items()}
+    return options_class(**values)
+
+
 @app.command(rich_help_panel="Main")
 @handle_errors
-def clean(
-    source: SourceArg,
-    data: DataOpt = "",
-    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help=HELP["eval_data"])] = None,
-    trigger: TriggerOpt = None,
-    target: TargetOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help=HELP["out"])] = None,
-    repair: Annotated[bool, typer.Option("--repair/--no-repair", help=HELP["repair"])] = True,
-    layers: Annotated[Optional[list[str]], typer.Option("--layers", help=HELP["layers"])] = None,
-    lam: Annotated[Optional[float], typer.Option("--lam", help=HELP["lam"])] = None,
-    gamma: Annotated[float, typer.Option("--gamma", help=HELP["gamma"])] = api.CleanOptions.gamma,
-    per_class: Annotated[int, typer.Option("--per-class", help=HELP["per_class"])] = 10,
-    eval_per_class: Annotated[Optional[int], typer.Option("--eval-per-class", help=HELP["eval_per_class"])] = None,
-    target_weight: Annotated[float, typer.Option("--target-weight", help=HELP["target_weight"])] = api.CleanOptions.target_weight,
-    augment_copies: Annotated[int, typer.Option("--augment-copies", help=HELP["augment_copies"])] = api.CleanOptions.augment_copies,
-    bn_stats: Annotated[str, typer.Option("--bn-stats", help=HELP["bn_stats"])] = "keep",
-    inversion_steps: Annotated[int, typer.Option("--inversion-steps", help=HELP["inversion_steps"])] = 200,
-    seed: Annotated[int, typer.Option("--seed", help=HELP["seed"])] = 0,
-    push_to: Annotated[Optional[str], typer.Option("--push-to", help=HELP["push_to"])] = None,
-    create_pr: CreatePrOpt = False,
-    private: PrivateOpt = False,
-    revision: RevisionOpt = None,
-    token: TokenOpt = None,
-    offline: OfflineOpt = False,
-    allow_pickle: PickleOpt = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help=HELP["dry_run"])] = False,
-    as_json: JsonOpt = False,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help=HELP["yes"])] = False,
-    verbose: VerboseOpt = False,
-) -> None:
+@with_option_flags(api.CleanOptions)
+def clean(source: SourceArg, *, as_json: JsonOpt = False, verbose: VerboseOpt = False, **flags: Any) -> None:
     """Pull SOURCE, remove its backdoor, write safetensors + config + model card, and optionally push."""
-    options = api.CleanOptions(
-        data=data, eval_data=eval_data, trigger=trigger, target=target, out=str(out) if out else None, repair=repair,
-        layers=tuple(layers) if layers else None, lam=lam, gamma=gamma, per_class=per_class,
-        eval_per_class=eval_per_class, target_weight=target_weight, augment_copies=augment_copies, bn_stats=bn_stats,
-        inversion_steps=inversion_steps, seed=seed, push_to=push_to, create_pr=create_pr, private=private,
-        revision=revision, token=token, offline=offline, allow_pickle=allow_pickle, dry_run=dry_run, yes=yes)
+    options = _options_from_flags(api.CleanOptions, flags)
     record = api.run_clean(source, options, report=_progress(not as_json))
     _render_clean(record, as_json=as_json, verbose=verbose)
 
@@ -235,7 +249,7 @@ def inspect(source: SourceArg, revision: RevisionOpt = None, token: TokenOpt = N
     table.add_row("files", ", ".join(info.files))
     for group, names in info.candidate_layers.items():
         table.add_row(f"layers: {group}", ", ".join(names))
-    table.add_row("choice", "made by `agme clean`: 5-fold cross-validation on the edit images over these groups "
+    table.add_row("choice", f"made by `agme clean`: {api.constants.DEFAULT_FOLDS}-fold cross-validation on the edit images over these groups "
                   "and lam (or --layers/--lam)")
     err_console.print(table)
 

@@ -37,12 +37,13 @@ from .lab import BackdoorConfig as BackdoorConfig
 from .lab import run_demo as run_demo
 from .lab import train_backdoored as train_backdoored
 from .options import CleanOptions as CleanOptions
+from .options import MethodOptions as MethodOptions
 from .report import CleanReport as CleanReport
 from .triggers import parse_trigger as parse_trigger
 
 __all__ = [
     "__version__", "clean", "evaluate", "load", "save", "push", "run_clean", "run_demo", "inspect_source",
     "evaluate_source", "load_images", "parse_trigger", "train_backdoored", "BackdoorConfig", "CleanOptions",
-    "CleanResult", "CleanReport", "ImageSet", "Metrics", "render_card", "rerender_card", "errors", "constants",
-    "report", "redact", "batch",
+    "MethodOptions", "CleanResult", "CleanReport", "ImageSet", "Metrics", "render_card", "rerender_card", "errors",
+    "constants", "report", "redact", "batch",
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
-    "DEFAULT_TARGET_WEIGHT", "cache_dir", "is_debug", "is_true",
+    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "cache_dir", "is_debug", "is_true",
 ]
 
 # Files of a timm-format folder and of agme's output folder.
@@ -29,6 +29,8 @@ DEFAULT_LAM_GRID = (0.01, 0.1, 1.0)
 DEFAULT_GAMMA = 1.0
 DEFAULT_AUGMENT_COPIES = 9
 DEFAULT_TARGET_WEIGHT = 4.0  # repair: weight of the preserve term of clean target-class images
+DEFAULT_INVERSION_STEPS = 200  # Adam steps of trigger inversion (no-BDK)
+DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
 
 
 def is_true(value: str | None) -> bool:

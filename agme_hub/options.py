@@ -1,27 +1,129 @@
-"""One options model, :class:`CleanOptions`, shared by ``agme clean``, batch jobs files and the Python API.
+"""The options models, each knob declared once: :class:`MethodOptions` and :class:`CleanOptions`.
 
-Each field's ``help`` is the text the CLI shows; a jobs-file entry takes exactly these field names.
+``MethodOptions`` holds the method's knobs, which :func:`agme_hub.engine.clean` takes. ``CleanOptions`` is
+one run of ``agme clean`` (data, backdoor, the method's knobs, output, Hub), shared by the CLI, batch jobs
+files and the Python API. Its method fields are copied from ``MethodOptions`` (default and help), and
+:attr:`CleanOptions.method` gives them back as a ``MethodOptions``, so a default, a help text or a check
+lives in one place. The CLI generates the flags of ``agme clean`` from these fields (their ``help`` and
+``group`` metadata), and :meth:`CleanOptions.to_cli_args` writes options back as flags. A jobs-file
+entry takes exactly these field names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any, get_type_hints
 
-from .constants import DEFAULT_AUGMENT_COPIES, DEFAULT_GAMMA, DEFAULT_TARGET_WEIGHT
+from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_FOLDS, DEFAULT_GAMMA, DEFAULT_INVERSION_STEPS,
+                        DEFAULT_LAM_GRID, DEFAULT_TARGET_WEIGHT)
 from .errors import UsageError
 
-__all__ = ["CleanOptions", "option_help"]
+__all__ = ["MethodOptions", "CleanOptions", "option_help", "cli_flags"]
 
 # A Hub repo id, as the Hub accepts it: "org/name", letters, digits, "-", "_", "." (no "--" or "..").
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9_.\-]{1,96}$")
 
 
-def _opt(default: Any, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kwargs})
+def _opt(default: Any, help: str, *, group: str, **kwargs: Any) -> Any:
+    """A field with its help text and its panel in ``agme clean --help`` (``group``) beside it."""
+    return field(default=default, metadata={"help": help, "group": group, **kwargs})
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodOptions:
+    """The method's knobs: ``clean(model, data, method=MethodOptions(lam=0.1))``, or ``clean(..., lam=0.1)``.
+
+    Defaults come from :mod:`agme_hub.constants`; a bad value (negative, NaN, infinite, unknown) is a
+    :class:`~agme_hub.errors.UsageError` that names the knob.
+    """
+
+    repair: bool = _opt(True, "Keep the target class (weight its clean images in the preserve term).", group="Method")
+    layers: tuple[str, ...] | None = _opt(None, "Module names or globs to edit; default: chosen by cross-validation.",
+                                          group="Method")
+    lam: float | None = _opt(None, "Ridge of the edit (scale-free); default: chosen by cross-validation.",
+                             group="Method")
+    gamma: float = _opt(DEFAULT_GAMMA, "Weight of the forget term against the preserve term.", group="Method")
+    target_weight: float = _opt(DEFAULT_TARGET_WEIGHT, "Repair: weight of clean target-class images.", group="Method")
+    augment_copies: int = _opt(DEFAULT_AUGMENT_COPIES, "Seeded augmented copies of the edit images.", group="Method")
+    bn_stats: str = _opt("keep", "BatchNorm running averages after the edit: keep or recompute.", group="Method")
+    inversion_steps: int = _opt(DEFAULT_INVERSION_STEPS, "Adam steps of trigger inversion (no trigger given).",
+                                group="Method")
+    seed: int = _opt(0, "Seed of every random choice.", group="Method")
+    # Engine only: no flag of `agme clean` (flag=False), reached from Python and the bench.
+    folds: int = _opt(DEFAULT_FOLDS, "Folds of the cross-validation that chooses layers and lam.", group="Method",
+                      flag=False)
+    flip: bool = _opt(False, "Also mirror the augmented copies horizontally.", group="Method", flag=False)
+    lam_grid: tuple[float, ...] = _opt(DEFAULT_LAM_GRID, "The lam values cross-validation tries when lam is not given.",
+                                       group="Method", flag=False)
+
+    def __post_init__(self) -> None:
+        # Python callers pass lists (layers=["fc"]); keep tuples so the options stay hashable and comparable.
+        if self.layers is not None:
+            names = (self.layers,) if isinstance(self.layers, str) else self.layers
+            object.__setattr__(self, "layers", tuple(str(n) for n in names) or None)
+        if not isinstance(self.lam_grid, (list, tuple)) or not self.lam_grid:
+            raise UsageError(f"lam_grid must be a non-empty list of numbers, got {self.lam_grid!r}")
+        object.__setattr__(self, "lam_grid", tuple(self.lam_grid))
+        for name in ("repair", "flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{_label(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.lam is not None:
+            _check_number("lam", self.lam, above=0.0)
+        _check_number("gamma", self.gamma, at_least=0.0)
+        _check_number("target_weight", self.target_weight, above=0.0)
+        _check_number("augment_copies", self.augment_copies, at_least=0, whole=True)
+        if self.bn_stats not in ("keep", "recompute"):
+            raise UsageError(f"{_label('bn_stats')} must be keep or recompute, got {self.bn_stats!r}")
+        _check_number("inversion_steps", self.inversion_steps, at_least=1, whole=True)
+        _check_number("seed", self.seed, at_least=0, whole=True)
+        if self.seed >= 2**32:  # numpy's generators take seeds below 2**32
+            raise UsageError(f"{_label('seed')} must be in 0..{2**32 - 1}, got {self.seed}")
+        _check_number("folds", self.folds, at_least=2, whole=True)
+        for lam in self.lam_grid:
+            _check_number("lam_grid", lam, above=0.0)
+
+    @classmethod
+    def with_overrides(cls, base: MethodOptions | None = None, /, **overrides: Any) -> MethodOptions:
+        """``base`` (default: all defaults) with some knobs changed; an unknown knob is named in the error."""
+        known = [f.name for f in fields(cls)]
+        for name in overrides:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; the knobs are: {', '.join(known)}"
+                raise UsageError(f"unknown method option {name!r}{hint}")
+        base = base if base is not None else cls()
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def _label(name: str) -> str:
+    """How a message names a knob: as its flag where ``agme clean`` has one."""
+    return name if not _METHOD_FIELDS[name].metadata.get("flag", True) else "--" + name.replace("_", "-")
+
+
+def _check_number(name: str, value: Any, *, above: float | None = None, at_least: float | None = None,
+                  whole: bool = False) -> None:
+    kind = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)):
+        raise UsageError(f"{_label(name)} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise UsageError(f"{_label(name)} must be a finite number, got {value!r}")
+    if above is not None and not value > above:
+        raise UsageError(f"{_label(name)} must be > {above:g}, got {value!r}")
+    if at_least is not None and not value >= at_least:
+        raise UsageError(f"{_label(name)} must be >= {at_least:g}, got {value!r}")
+
+
+_METHOD_FIELDS: dict[str, Field[Any]] = {f.name: f for f in fields(MethodOptions)}
+
+
+def _method(name: str) -> Any:
+    """A field of CleanOptions that is the method knob ``name``: its default and help are MethodOptions'."""
+    knob = _METHOD_FIELDS[name]
+    return field(default=knob.default, metadata=knob.metadata)
 
 
 @dataclass(frozen=True)
@@ -30,62 +132,59 @@ class CleanOptions:
 
     # Data
     data: str = _opt("", "Clean, unseen images: an image folder (one sub-folder per class), an .npz with x and y, "
-                         "or a built-in set (fashion-mnist, mnist, cifar10-samples).")
+                         "or a built-in set (fashion-mnist, mnist, cifar10-samples).", group="Data")
     eval_data: str | None = _opt(None, "Held-out images for the before/after metrics; default: the part of --data "
-                                       "not used for editing.")
-    per_class: int = _opt(10, "Images per class of --data used for editing.")
-    eval_per_class: int | None = _opt(None, "Cap the evaluation images per class (default: all).")
+                                       "not used for editing.", group="Data")
+    per_class: int = _opt(10, "Images per class of --data used for editing.", group="Data")
+    eval_per_class: int | None = _opt(None, "Cap the evaluation images per class (default: all).", group="Data")
     # Backdoor
     trigger: str | None = _opt(None, "The known trigger (spec, preset or JSON/YAML file): with-knowledge mode. "
-                                     "Without it a surrogate trigger is reconstructed.")
-    target: str | None = _opt(None, "Target class (index or label name); detected when omitted.")
-    # Method
-    repair: bool = _opt(True, "Keep the target class (weight its clean images in the preserve term).")
-    layers: tuple[str, ...] | None = _opt(None, "Module names or globs to edit; default: chosen by cross-validation.")
-    lam: float | None = _opt(None, "Ridge of the edit (scale-free); default: chosen by cross-validation.")
-    gamma: float = _opt(DEFAULT_GAMMA, "Weight of the forget term against the preserve term.")
-    target_weight: float = _opt(DEFAULT_TARGET_WEIGHT, "Repair: weight of clean target-class images.")
-    augment_copies: int = _opt(DEFAULT_AUGMENT_COPIES, "Seeded augmented copies of the edit images.")
-    bn_stats: str = _opt("keep", "BatchNorm running averages after the edit: keep or recompute.")
-    inversion_steps: int = _opt(200, "Adam steps of trigger inversion (no trigger given).")
-    seed: int = _opt(0, "Seed of every random choice.")
-    # Output
-    out: str | None = _opt(None, "Output folder (default ./<name>-agme).")
-    yes: bool = _opt(False, "Replace an existing output folder that agme did not write.")
-    dry_run: bool = _opt(False, "Resolve the source, list the layers and the files; write nothing.")
+                                     "Without it a surrogate trigger is reconstructed.", group="Backdoor")
+    target: str | None = _opt(None, "Target class (index or label name); detected when omitted.", group="Backdoor")
+    # Method: declared in MethodOptions
+    repair: bool = _method("repair")
+    layers: tuple[str, ...] | None = _method("layers")
+    lam: float | None = _method("lam")
+    gamma: float = _method("gamma")
+    target_weight: float = _method("target_weight")
+    augment_copies: int = _method("augment_copies")
+    bn_stats: str = _method("bn_stats")
+    inversion_steps: int = _method("inversion_steps")
+    seed: int = _method("seed")
+    # Output (yes and dry_run say how to run, not what: a reproduce command leaves them out)
+    out: str | None = _opt(None, "Output folder (default ./<name>-agme).", group="Output", path=True)
+    yes: bool = _opt(False, "Replace an existing output folder that agme did not write.", group="Output",
+                     aliases=("-y",), reproduce=False)
+    dry_run: bool = _opt(False, "Resolve the source, list the layers and the files; write nothing.", group="Output",
+                         reproduce=False)
     # Hub
-    revision: str | None = _opt(None, "Revision of the source repo (branch, tag or commit).")
-    push_to: str | None = _opt(None, "Push the result to this Hub repo (ORG/NAME) in one commit.")
-    create_pr: bool = _opt(False, "Open a pull request instead of committing to main.")
-    private: bool = _opt(False, "Create the target repo as private.")
-    token: str | None = _opt(None, "Hugging Face token (default: the usual huggingface_hub resolution).", secret=True)
-    offline: bool = _opt(False, "Use the local Hub cache only.")
-    allow_pickle: bool = _opt(False, "Allow .bin/.pth weights (loaded with torch.load(weights_only=True)).")
+    revision: str | None = _opt(None, "Revision of the source repo (branch, tag or commit).", group="Hub")
+    push_to: str | None = _opt(None, "Push the result to this Hub repo (ORG/NAME) in one commit.", group="Hub")
+    create_pr: bool = _opt(False, "Open a pull request instead of committing to main.", group="Hub")
+    private: bool = _opt(False, "Create the target repo as private.", group="Hub")
+    token: str | None = _opt(None, "Hugging Face token (default: the usual huggingface_hub resolution).", group="Hub",
+                             secret=True)
+    offline: bool = _opt(False, "Use the local Hub cache only.", group="Hub")
+    allow_pickle: bool = _opt(False, "Allow .bin/.pth weights (loaded with torch.load(weights_only=True)).",
+                              group="Dangerous")
 
     def __post_init__(self) -> None:
-        if self.per_class < 1:
+        if isinstance(self.per_class, bool) or not isinstance(self.per_class, int) or self.per_class < 1:
             raise UsageError(f"--per-class must be at least 1, got {self.per_class}")
-        if self.eval_per_class is not None and self.eval_per_class < 1:
+        if self.eval_per_class is not None and (isinstance(self.eval_per_class, bool)
+                                                or not isinstance(self.eval_per_class, int) or self.eval_per_class < 1):
             raise UsageError(f"--eval-per-class must be at least 1, got {self.eval_per_class}")
-        # NaN passes every "<= 0" test and infinity every ">= 0": both must be refused by name.
-        for flag, value in (("--lam", self.lam), ("--gamma", self.gamma), ("--target-weight", self.target_weight)):
-            if value is not None and not math.isfinite(value):
-                raise UsageError(f"{flag} must be a finite number, got {value}")
-        if self.lam is not None and self.lam <= 0:
-            raise UsageError(f"--lam must be > 0, got {self.lam}")
-        if self.gamma < 0 or self.target_weight <= 0 or self.augment_copies < 0:
-            raise UsageError("--gamma must be >= 0, --target-weight > 0 and --augment-copies >= 0")
-        if not 0 <= self.seed < 2**32:
-            raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
-        if self.inversion_steps < 0:
-            raise UsageError(f"--inversion-steps must be >= 0, got {self.inversion_steps}")
+        _ = self.method  # building MethodOptions checks the method's knobs
         if self.push_to is not None and (not _REPO_ID.fullmatch(self.push_to) or ".." in self.push_to
                                          or "--" in self.push_to):
             raise UsageError(f"--push-to must be a Hub repo id ORG/NAME, got {self.push_to!r}")
-        if self.bn_stats not in ("keep", "recompute"):
-            raise UsageError(f"--bn-stats must be keep or recompute, got {self.bn_stats!r}")
         if self.create_pr and not self.push_to:
             raise UsageError("--create-pr needs --push-to")
+
+    @property
+    def method(self) -> MethodOptions:
+        """The method's knobs of this run, as :func:`agme_hub.engine.clean` takes them."""
+        return MethodOptions(**{name: getattr(self, name) for name in _SHARED_FIELDS})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, where: str = "options") -> "CleanOptions":
@@ -110,6 +209,42 @@ class CleanOptions:
     def replace(self, **changes: Any) -> "CleanOptions":
         return dataclasses.replace(self, **changes)
 
+    def to_cli_args(self, source: str) -> list[str]:
+        """The arguments of ``agme`` that reproduce this run: ``["clean", source, "--data", ...]``.
+
+        Fields at their default are left out, and so are secrets (the token) and ``yes``/``dry_run``.
+        ``shlex.join(["agme", *options.to_cli_args(source)])`` is the command a report records.
+        """
+        args = ["clean", source]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") or f.metadata.get("reproduce") is False or value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+            elif isinstance(value, (tuple, list)):
+                for item in value:
+                    args += [flag, str(item)]
+            else:
+                args += [flag, str(value)]
+        return args
+
+
+_SHARED_FIELDS = tuple(f.name for f in fields(CleanOptions) if f.name in _METHOD_FIELDS)
+
+
+def cli_flags(f: Field[Any]) -> list[str]:
+    """How ``agme clean`` declares the flag of field ``f``.
+
+    ``--name``; ``--name/--no-name`` for a switch that is on by default (so it can be turned off);
+    then the field's short aliases. :meth:`CleanOptions.to_cli_args` writes the same names.
+    """
+    flag = "--" + f.name.replace("_", "-")
+    if f.default is True:
+        flag = f"{flag}/--no-{f.name.replace('_', '-')}"
+    return [flag, *f.metadata.get("aliases", ())]
+
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     text = str(hint)
@@ -133,7 +268,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, (dict, list)):
             raise ValueError
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) from a jobs file's .inf
         raise UsageError(f"{where} has a value of the wrong type: {value!r} ({text})") from None
 
 

@@ -65,10 +65,10 @@ def main() -> None:
                        "ca_before": before.clean_accuracy, "ca_after": after.clean_accuracy,
                        "asr_before": before.attack_success_rate, "asr_after": after.attack_success_rate,
                        "ta_before": before.target_accuracy, "ta_after": after.target_accuracy,
-                       "seconds_total": seconds, "seconds_capture": result.timings.get("capture", 0.0),
-                       "seconds_solve": result.timings.get("solve", 0.0),
-                       "seconds_selection": result.timings.get("selection", 0.0),
-                       "seconds_inversion": result.timings.get("inversion", 0.0), "seconds_forward_floor": floor}
+                       "seconds_total": seconds, "seconds_capture": result.timings.capture,
+                       "seconds_solve": result.timings.solve,
+                       "seconds_selection": result.timings.selection or 0.0,
+                       "seconds_inversion": result.timings.inversion or 0.0, "seconds_forward_floor": floor}
                 rows.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     (args.out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")

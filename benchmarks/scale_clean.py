@@ -63,11 +63,11 @@ def main(
                 result = agme_hub.clean(model, data, trigger=trigger, target=0, seed=0)
                 total = time.perf_counter() - start
             t = result.timings
-            edit = t.get("capture", 0.0) + t.get("solve", 0.0)
+            edit = t.capture + t.solve
             run = {"arch": arch, "params_m": round(params / 1e6, 2), "size": size, "per_class": n, "images": len(data),
                    "floor_images": images, "floor_s": round(floor, 2), "per_image_ms": round(1000 * floor / images, 1),
-                   "edit_s": round(edit, 2), "solve_s": round(t.get("solve", 0.0), 3),
-                   "selection_s": round(t.get("selection", 0.0), 2), "total_s": round(total, 2),
+                   "edit_s": round(edit, 2), "solve_s": round(t.solve, 3),
+                   "selection_s": round(t.selection or 0.0, 2), "total_s": round(total, 2),
                    "edit_over_floor": round(edit / floor, 2), "total_over_floor": round(total / floor, 2),
                    "peak_mb": None if mem.peak_mb is None else round(mem.peak_mb), "layers": result.layers,
                    "lam": result.lam}

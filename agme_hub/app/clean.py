@@ -97,24 +97,6 @@ def _check_classes(edit_set: ImageSet, eval_set: ImageSet, target: int | None, h
                         "measured; pass --eval-data with images of other classes")
 
 
-def _command(source: str, options: CleanOptions) -> str:
-    """The `agme clean` command line that reproduces this run (without the token)."""
-    parts = ["agme", "clean", source]
-    defaults = CleanOptions()
-    for name, value in options.public_dict().items():
-        if name in {"dry_run", "yes"} or value == getattr(defaults, name):
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else f"--no-{name.replace('_', '-')}")
-        elif isinstance(value, tuple):
-            for item in value:
-                parts += ["--layers", str(item)]
-        else:
-            parts += [flag, str(value)]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
 def _load_data(options: CleanOptions, label_names: list[str]) -> tuple[ImageSet, ImageSet, str]:
     data = load_images(options.data, label_names=label_names)
     if options.eval_data:
@@ -165,7 +147,7 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
         mode="bdk" if trigger is not None else "no-bdk",
         trigger=TriggerRecord(spec=trigger.spec if trigger else None, kind="given" if trigger else None),
         options={k: (list(v) if isinstance(v, tuple) else v) for k, v in options.public_dict().items()},
-        output_dir=str(out), command=_command(source, options),
+        output_dir=str(out), command=shlex.join(["agme", *options.to_cli_args(source)]),
     )
     if options.dry_run:
         return _dry_run_report(base, resolved, options)
@@ -180,14 +162,10 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     preprocess = Preprocessor.from_model(model)
 
     say(f"cleaning with {len(edit_set)} images")
-    result = clean(model, edit_set, trigger=trigger, target=target, repair=options.repair, lam=options.lam,
-                   gamma=options.gamma, layers=list(options.layers) if options.layers else None, seed=options.seed,
-                   augment_copies=options.augment_copies, target_weight=options.target_weight,
-                   bn_stats=options.bn_stats, inversion_steps=options.inversion_steps)
-    timing["capture"] = result.timings.get("capture", 0.0) + result.timings.get("selection_capture", 0.0)
-    timing["edit"] = (result.timings.get("solve", 0.0) + result.timings.get("selection", 0.0)
-                      - result.timings.get("selection_capture", 0.0) + result.timings.get("bn_stats", 0.0))
-    timing["inversion"] = result.timings.get("inversion", 0.0)
+    result = clean(model, edit_set, trigger=trigger, target=target, method=options.method)
+    timing["capture"] = result.timings.total_capture
+    timing["edit"] = result.timings.total_edit
+    timing["inversion"] = result.timings.inversion or 0.0
     timing["repair"] = 0.0  # the repair is part of the same solve (a weighted preserve term)
 
     say("evaluating before and after")

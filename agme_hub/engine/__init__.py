@@ -11,7 +11,9 @@ editable and how their keys are read), :mod:`.edit` (Gram statistics and the clo
 """
 
 from .capture import capture_activations as capture_activations
+from ..options import MethodOptions as MethodOptions
 from .clean import CleanResult as CleanResult
+from .clean import Timings as Timings
 from .clean import clean as clean
 from .clean import evaluate as evaluate
 from .clean import inspect_layers as inspect_layers
@@ -19,5 +21,5 @@ from .metrics import Metrics as Metrics
 from .metrics import measure as measure
 from .metrics import predict as predict
 
-__all__ = ["clean", "evaluate", "inspect_layers", "CleanResult", "capture_activations", "Metrics", "measure",
-           "predict"]
+__all__ = ["clean", "evaluate", "inspect_layers", "CleanResult", "MethodOptions", "Timings", "capture_activations",
+           "Metrics", "measure", "predict"]

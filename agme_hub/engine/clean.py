@@ -2,50 +2,57 @@
 
 Steps: pick the trigger (given, or a surrogate from trigger inversion), capture the Gram statistics of
 the candidate layers on D and its augmented copies, choose layers and lam by k-fold cross-validation
-on D itself (never on held-out test data), then edit the chosen layers shallow to deep, recomputing
-keys through the layers already edited. No gradients flow through the model being edited.
+on D itself (never on held-out test data; :mod:`.select`), then edit the chosen layers shallow to deep,
+recomputing keys through the layers already edited. No gradients flow through the model being edited.
+The method's knobs are one :class:`~agme_hub.options.MethodOptions`.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..constants import DEFAULT_AUGMENT_COPIES, DEFAULT_GAMMA, DEFAULT_LAM_GRID, DEFAULT_TARGET_WEIGHT
 from ..data import ImageSet, Preprocessor
-from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
-from ..errors import ClassMismatchError, DataError, UsageError
-from .metrics import Metrics, measure, predict
-from .inversion import TargetDetection, detect_target, invert_trigger
+from ..errors import ClassMismatchError, DataError
+from ..options import MethodOptions
 from ..triggers import Trigger, parse_trigger
+from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
+from .inversion import TargetDetection, detect_target, invert_trigger
 from .layers import Candidates, editable_layer, find_candidates, resolve_layers
+from .metrics import Metrics, measure, predict
+from .select import Selection, _cross_validate
 
-__all__ = ["clean", "evaluate", "CleanResult", "Selection", "inspect_layers"]
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What cross-validation chose, and the table it chose from."""
-
-    group: str
-    layers: list[str]
-    lam: float
-    target_weight: float
-    folds: int
-    table: list[dict[str, float | str]]  # one row per (group, lam): pooled held-out CA, TA, ASR, score
-
-    def describe(self) -> str:
-        best = next(r for r in self.table if r["group"] == self.group and r["lam"] == self.lam)
-        return (f"{self.folds}-fold cross-validation on the edit images chose {self.group} "
-                f"({', '.join(self.layers)}) with lam={self.lam:g}: held-out CA {best['ca']:.1%}, "
-                f"TA {best['ta']:.1%}, ASR {best['asr']:.1%} ({len(self.table)} settings tried)")
+__all__ = ["clean", "evaluate", "CleanResult", "Selection", "Timings", "inspect_layers"]
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class Timings:
+    """Seconds spent in each step of :func:`clean`."""
+
+    inversion: float | None = None  # trigger inversion; None when the trigger was given
+    selection: float | None = None  # the whole cross-validation, its capture included; None when nothing was chosen
+    selection_capture: float | None = None  # the part of ``selection`` spent capturing statistics
+    capture: float = 0.0  # the final edit: capturing each edited layer's statistics
+    solve: float = 0.0  # the final edit: the closed-form solves
+    bn_stats: float = 0.0  # re-estimating BatchNorm averages (bn_stats="recompute")
+
+    @property
+    def total_capture(self) -> float:
+        """All capturing of statistics: the final edit's and the cross-validation's."""
+        return self.capture + (self.selection_capture or 0.0)
+
+    @property
+    def total_edit(self) -> float:
+        """Everything else that edits: the solves, the cross-validation's trial edits and BatchNorm."""
+        return self.solve + (self.selection or 0.0) - (self.selection_capture or 0.0) + self.bn_stats
+
+
+@dataclass(frozen=True, kw_only=True)
 class CleanResult:
     """The edited model and everything needed to report how it was made."""
 
@@ -66,8 +73,99 @@ class CleanResult:
     n_edit_images: int
     selection: Selection | None
     candidates: Candidates | None
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings
     unrepaired_model: torch.nn.Module | None = None  # the same edit without the repair (for reporting)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TriggerChoice:
+    mode: str
+    kind: str
+    trigger: Trigger
+    target: int
+    detection: TargetDetection | None
+    seconds: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _LayerChoice:
+    layers: list[str]
+    lam: float
+    selection: Selection | None
+    candidates: Candidates | None
+    captured: dict[str, GramStats]  # statistics over all of D on the unedited model, from the cross-validation
+    seconds: float | None
+    capture_seconds: float | None
+
+
+def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | None = None, target: int | None = None,
+          method: MethodOptions | None = None, inplace: bool = False, **overrides: Any) -> CleanResult:
+    """Remove a backdoor from ``model`` using the handful of clean images ``data``.
+
+    Args:
+        model: a timm classifier; left untouched unless ``inplace``.
+        data: the clean, unseen images used for editing (raw, with labels).
+        trigger: the known trigger (BDK mode); ``None`` reconstructs a surrogate (no-BDK mode).
+        target: the target class; ``None`` detects it (from the trigger, or by inversion of every class).
+        method: the method's knobs (repair, layers, lam, gamma, ...; see :class:`MethodOptions`);
+            ``None``: the defaults.
+        inplace: edit ``model`` itself instead of a copy.
+        **overrides: knobs of :class:`MethodOptions` by name, applied over ``method``
+            (``clean(model, data, trigger=..., lam=0.1, layers=["fc"])``); an unknown name is a UsageError.
+
+    Returns:
+        CleanResult with the edited model and what was chosen, detected and timed.
+    """
+    method = MethodOptions.with_overrides(method, **overrides)
+    if target is not None and not 0 <= target < data.num_classes:
+        raise ClassMismatchError(f"target class {target} is out of range: 0..{data.num_classes - 1}")
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != data.num_classes:
+        raise ClassMismatchError(f"the model has {num_classes} classes, the data {data.num_classes}")
+    model.eval()
+    edited = model if inplace else copy.deepcopy(model)
+    original = copy.deepcopy(model) if inplace else model
+    preprocess = Preprocessor.from_model(model)
+    weight = method.target_weight if method.repair else 1.0
+
+    chosen = _choose_trigger(original, data, trigger, target, method=method, preprocess=preprocess)
+    layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight)
+    final_stats, w0, final_seconds = _final_edit(edited, original, data, chosen, layers, method=method,
+                                                 preprocess=preprocess, weight=weight)
+    unrepaired = None
+    if weight != 1.0 and method.bn_stats == "keep":
+        # The same edit without the repair weight, for reporting TA with and without repair. Keys of a
+        # later layer came through the repaired earlier ones: exact for one layer, close for several.
+        unrepaired = copy.deepcopy(edited)
+        apply_edit(unrepaired, final_stats, lam=layers.lam, gamma=method.gamma, target_weight=1.0, original=w0)
+    timings = Timings(inversion=chosen.seconds, selection=layers.seconds, selection_capture=layers.capture_seconds,
+                      **final_seconds)
+    return CleanResult(model=edited, mode=chosen.mode, trigger=chosen.trigger, trigger_kind=chosen.kind,
+                       target=chosen.target, target_detected=target is None, detection=chosen.detection,
+                       layers=list(layers.layers), lam=layers.lam, gamma=method.gamma, target_weight=weight,
+                       augment_copies=method.augment_copies, bn_stats=method.bn_stats, seed=method.seed,
+                       n_edit_images=len(data), selection=layers.selection, candidates=layers.candidates,
+                       timings=timings, unrepaired_model=unrepaired)
+
+
+def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None, target: int | None, *,
+                    method: MethodOptions, preprocess: Preprocessor) -> _TriggerChoice:
+    """The trigger to edit with and the target: given, picked from the trigger, or from trigger inversion."""
+    if trigger is not None:
+        used = parse_trigger(trigger)
+        if target is None:
+            target = _pick_target_from_trigger(model, data, used, preprocess)
+        return _TriggerChoice(mode="bdk", kind="given", trigger=used, target=target, detection=None, seconds=None)
+    start = time.perf_counter()
+    detection = None
+    if target is None:
+        detection = detect_target(model, data, steps=method.inversion_steps, seed=method.seed)
+        target = detection.target
+        used = detection.inversions[target].trigger
+    else:
+        used = invert_trigger(model, data, target, steps=method.inversion_steps, seed=method.seed).trigger
+    return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=used, target=target, detection=detection,
+                          seconds=time.perf_counter() - start)
 
 
 def _pick_target_from_trigger(model: torch.nn.Module, data: ImageSet, trigger: Trigger,
@@ -77,172 +175,61 @@ def _pick_target_from_trigger(model: torch.nn.Module, data: ImageSet, trigger: T
     return int(np.bincount(preds, minlength=data.num_classes).argmax())
 
 
-def _stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    folds = np.empty(len(labels), np.int64)
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        folds[members] = (np.arange(len(members)) + rng.integers(k)) % k
-    return folds
-
-
-def _score(ca: float, ta: float, asr: float) -> float:
-    # Removing the backdoor comes first; then keep the clean and the target class. Weights measured
-    # on the benchmark grid (docs/METHOD.md).
-    return ca + 0.5 * ta - 2.0 * asr
-
-
-def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, target: int,
-                    preprocess: Preprocessor, groups: dict[str, list[str]], lams: tuple[float, ...], *,
-                    gamma: float, target_weight: float, copies: int, folds: int, seed: int,
-                    flip: bool) -> tuple[Selection, float, dict[str, GramStats]]:
-    """Leave-one-fold-out over (group, lam); statistics of a fold are subtracted from the total.
-
-    Also returns the statistics over all of D, which the final edit reuses for its first layer.
-    """
-    fold_of = _stratified_folds(data.labels, folds, seed)
-    names = [n for group in groups.values() for n in group]
-    start = time.perf_counter()
-    stats = collect_stats(model, names, augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed,
-                                                        flip=flip),
-                          preprocess, target=target, folds=fold_of, num_folds=folds)
-    capture_seconds = time.perf_counter() - start
-    total = {n: sum(s[1:], s[0]) for n, s in stats.items()}
-    triggered = trigger.apply(data.images)
-    trial = copy.deepcopy(model)
-    table = []
-    for group, layer_names in groups.items():
-        for lam in lams:
-            clean_pred = np.empty(len(data), np.int64)
-            trig_pred = np.empty(len(data), np.int64)
-            for fold in range(folds):
-                held = np.flatnonzero(fold_of == fold)
-                if len(held) == 0:
-                    continue
-                trial.load_state_dict(model.state_dict())
-                apply_edit(trial, {n: total[n] - stats[n][fold] for n in layer_names}, lam=lam, gamma=gamma,
-                           target_weight=target_weight)
-                clean_pred[held] = predict(trial, data.images[held], preprocess)
-                trig_pred[held] = predict(trial, triggered[held], preprocess)
-            is_target = data.labels == target
-            ca = float((clean_pred == data.labels).mean())
-            ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
-            asr = float((trig_pred[~is_target] == target).mean()) if (~is_target).any() else 0.0
-            table.append({"group": group, "lam": lam, "ca": ca, "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
-    best = max(table, key=lambda r: r["score"])  # first best wins: classifier before entry, small lam first
-    selection = Selection(str(best["group"]), groups[str(best["group"])], float(best["lam"]), target_weight, folds,
-                          table)
-    return selection, capture_seconds, total
-
-
-def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | None = None, target: int | None = None,
-          repair: bool = True, lam: float | None = None, gamma: float = DEFAULT_GAMMA, layers: list[str] | None = None,
-          seed: int = 0, augment_copies: int = DEFAULT_AUGMENT_COPIES, target_weight: float = DEFAULT_TARGET_WEIGHT,
-          bn_stats: str = "keep", folds: int = 5, flip: bool = False, inversion_steps: int = 200,
-          lam_grid: tuple[float, ...] = DEFAULT_LAM_GRID, inplace: bool = False) -> CleanResult:
-    """Remove a backdoor from ``model`` using the handful of clean images ``data``.
-
-    Args:
-        model: a timm classifier; left untouched unless ``inplace``.
-        data: the clean, unseen images used for editing (raw, with labels).
-        trigger: the known trigger (BDK mode); ``None`` reconstructs a surrogate (no-BDK mode).
-        target: the target class; ``None`` detects it (from the trigger, or by inversion of every class).
-        repair: weight the clean target-class images ``target_weight`` times in the preserve term.
-        lam: ridge of the edit; ``None`` chooses it by cross-validation from ``lam_grid``.
-        layers: module names or globs to edit; ``None`` chooses among the candidates by cross-validation.
-        bn_stats: ``keep`` or ``recompute`` the BatchNorm running averages after the edited layers.
-
-    Returns:
-        CleanResult with the edited model and what was chosen, detected and timed.
-    """
-    if bn_stats not in {"keep", "recompute"}:
-        raise UsageError(f"bn_stats must be keep or recompute, got {bn_stats!r}")
-    if (lam is not None and lam <= 0) or gamma < 0 or augment_copies < 0 or folds < 2:
-        raise UsageError("lam must be > 0, gamma >= 0, augment copies >= 0 and folds >= 2")
-    if target is not None and not 0 <= target < data.num_classes:
-        raise ClassMismatchError(f"target class {target} is out of range: 0..{data.num_classes - 1}")
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is not None and num_classes != data.num_classes:
-        raise ClassMismatchError(f"the model has {num_classes} classes, the data {data.num_classes}")
-    timings: dict[str, float] = {}
-    model.eval()
-    edited = model if inplace else copy.deepcopy(model)
-    original = copy.deepcopy(model) if inplace else model
-    preprocess = Preprocessor.from_model(model)
-
-    detection = None
-    target_detected = target is None
-    if trigger is not None:
-        mode, trigger_kind, used = "bdk", "given", parse_trigger(trigger)
-        if target is None:
-            target = _pick_target_from_trigger(original, data, used, preprocess)
-    else:
-        mode, trigger_kind = "no-bdk", "surrogate"
-        start = time.perf_counter()
-        if target is None:
-            detection = detect_target(original, data, steps=inversion_steps, seed=seed)
-            target = detection.target
-            used = detection.inversions[target].trigger
-        else:
-            used = invert_trigger(original, data, target, steps=inversion_steps, seed=seed).trigger
-        timings["inversion"] = time.perf_counter() - start
-    weight = target_weight if repair else 1.0
-
+def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice, *, method: MethodOptions,
+                   preprocess: Preprocessor, weight: float) -> _LayerChoice:
+    """The layers and lam to edit with: given, or chosen by cross-validation on D."""
     candidates = None
-    sample = preprocess(data.images[:2])
-    if layers:
-        groups = {"given": resolve_layers(original, layers)}
+    if method.layers:
+        groups = {"given": resolve_layers(model, list(method.layers))}
     else:
-        candidates = find_candidates(original, sample)
+        candidates = find_candidates(model, preprocess(data.images[:2]))
         groups = candidates.groups
-    selection = None
-    captured: dict[str, GramStats] = {}  # statistics over all of D on the unedited model, from the CV
-    if lam is None or len(groups) > 1:
-        if len(data) < folds:
-            raise DataError(f"cross-validation needs at least {folds} edit images; pass --lam and --layers")
-        grid = (lam,) if lam is not None else tuple(lam_grid)
-        start = time.perf_counter()
-        selection, cv_capture, captured = _cross_validate(original, data, used, target, preprocess, groups, grid, gamma=gamma,
-                                                target_weight=weight, copies=augment_copies, folds=folds, seed=seed,
-                                                flip=flip)
-        timings["selection"] = time.perf_counter() - start
-        timings["selection_capture"] = cv_capture
-        chosen_layers, chosen_lam = selection.layers, selection.lam
-    else:
-        chosen_layers, chosen_lam = next(iter(groups.values())), float(lam)
+    if method.lam is not None and len(groups) == 1:
+        return _LayerChoice(layers=next(iter(groups.values())), lam=float(method.lam), selection=None,
+                            candidates=candidates, captured={}, seconds=None, capture_seconds=None)
+    if len(data) < method.folds:
+        raise DataError(f"cross-validation needs at least {method.folds} edit images; pass --lam and --layers")
+    grid = (method.lam,) if method.lam is not None else method.lam_grid
+    start = time.perf_counter()
+    selection, capture_seconds, captured = _cross_validate(
+        model, data, chosen.trigger, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
+        copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip)
+    return _LayerChoice(layers=selection.layers, lam=selection.lam, selection=selection, candidates=candidates,
+                        captured=captured, seconds=time.perf_counter() - start, capture_seconds=capture_seconds)
 
-    # The final edit: shallow to deep; keys of each layer come through the layers already edited.
-    timings["capture"] = timings["solve"] = timings["bn_stats"] = 0.0
-    w0 = {n: _weight_matrix(original, n) for n in chosen_layers}
+
+def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
+                layers: _LayerChoice, *, method: MethodOptions, preprocess: Preprocessor, weight: float
+                ) -> tuple[dict[str, GramStats], dict[str, torch.Tensor], dict[str, float]]:
+    """Edit the chosen layers of ``edited`` shallow to deep; keys of each layer come through those already edited.
+
+    Returns each layer's statistics, its original weight matrix, and the seconds of capture, solve and bn_stats.
+    """
+    seconds = {"capture": 0.0, "solve": 0.0, "bn_stats": 0.0}
+    used = chosen.trigger
+    w0 = {n: _weight_matrix(original, n) for n in layers.layers}
     final_stats: dict[str, GramStats] = {}
-    for position, name in enumerate(chosen_layers):
+    for position, name in enumerate(layers.layers):
         start = time.perf_counter()
-        if position == 0 and name in captured:  # nothing upstream is edited yet: the CV's keys are these keys
-            final_stats[name] = captured[name]
+        if position == 0 and name in layers.captured:  # nothing upstream is edited yet: the CV's keys are these keys
+            final_stats[name] = layers.captured[name]
         else:
-            pairs = augmented_pairs(data.images, data.labels, used, copies=augment_copies, seed=seed, flip=flip)
-            final_stats[name] = collect_stats(edited, [name], pairs, preprocess, target=target)[name][0]
-        timings["capture"] += time.perf_counter() - start
+            pairs = augmented_pairs(data.images, data.labels, used, copies=method.augment_copies, seed=method.seed,
+                                    flip=method.flip)
+            final_stats[name] = collect_stats(edited, [name], pairs, preprocess, target=chosen.target)[name][0]
+        seconds["capture"] += time.perf_counter() - start
         start = time.perf_counter()
-        apply_edit(edited, {name: final_stats[name]}, lam=chosen_lam, gamma=gamma, target_weight=weight,
+        apply_edit(edited, {name: final_stats[name]}, lam=layers.lam, gamma=method.gamma, target_weight=weight,
                    original={name: w0[name]})
-        timings["solve"] += time.perf_counter() - start
-        if bn_stats == "recompute":
+        seconds["solve"] += time.perf_counter() - start
+        if method.bn_stats == "recompute":
             start = time.perf_counter()
             batches = [preprocess(np.concatenate([data.images[i:i + 128], used.apply(data.images[i:i + 128])]))
                        for i in range(0, len(data), 128)]
             recompute_batchnorm(edited, name, batches)
-            timings["bn_stats"] += time.perf_counter() - start
+            seconds["bn_stats"] += time.perf_counter() - start
     edited.eval()
-    unrepaired = None
-    if weight != 1.0 and bn_stats == "keep":
-        # The same edit without the repair weight, for reporting TA with and without repair. Keys of a
-        # later layer came through the repaired earlier ones: exact for one layer, close for several.
-        unrepaired = copy.deepcopy(edited)
-        apply_edit(unrepaired, final_stats, lam=chosen_lam, gamma=gamma, target_weight=1.0, original=w0)
-    return CleanResult(edited, mode, used, trigger_kind, target, target_detected, detection, list(chosen_layers),
-                       chosen_lam, gamma, weight, augment_copies, bn_stats, seed, len(data), selection, candidates,
-                       timings, unrepaired)
+    return final_stats, w0, seconds
 
 
 def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ representation at the entry of the last stage (found from timm's ``feature_info`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ class EditableLayer:
 
     name: str
     module: torch.nn.Module
+    # Padding the module applies inside its forward (timm's Conv2dSame, TF-style "same"), applied to its
+    # input before unfolding; None when the module's own ``padding`` says it all.
+    pad: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def has_bias(self) -> bool:
@@ -62,10 +66,7 @@ class EditableLayer:
         if isinstance(module, torch.nn.Linear):
             rows = inputs.reshape(-1, inputs.shape[-1])
         else:
-            x = inputs
-            pad_same = getattr(module, "_agme_pad_same", None)
-            if pad_same is not None:
-                x = pad_same(x)
+            x = inputs if self.pad is None else self.pad(inputs)
             cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
                             stride=module.stride)
             rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
@@ -96,9 +97,9 @@ def editable_layer(model: torch.nn.Module, name: str) -> EditableLayer:
         if type(module).__name__ == "Conv2dSame":  # timm's TF-style dynamic padding happens inside forward
             from timm.layers import pad_same
 
-            object.__setattr__(module, "_agme_pad_same",
-                               lambda x, m=module: pad_same(x, m.weight.shape[-2:], m.stride, m.dilation))
-        elif isinstance(module.padding, str):
+            return EditableLayer(name, module,
+                                 pad=lambda x, m=module: pad_same(x, m.weight.shape[-2:], m.stride, m.dilation))
+        if isinstance(module.padding, str):
             raise UnsupportedArchitectureError(f"layer {name} uses padding={module.padding!r}; agme needs explicit padding")
         return EditableLayer(name, module)
     raise UnsupportedArchitectureError(f"layer {name} is a {kind}; agme edits nn.Linear and dense nn.Conv2d layers only")

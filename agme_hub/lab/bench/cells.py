@@ -19,6 +19,7 @@ from ...constants import cache_dir
 from ...data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
 from ...engine.clean import clean, evaluate
 from ...engine.metrics import Metrics, defense_effectiveness_rating
+from ...options import MethodOptions
 from ...triggers import parse_trigger
 from ..baselines import run_baseline
 from .grid import DEFENCES, BenchConfig, arch_spec
@@ -42,18 +43,16 @@ def _run_defence(name: str, model: torch.nn.Module, edit: ImageSet, trigger_spec
     out: dict[str, Any] = {}
     if name.startswith("agme"):
         _, knowledge, repair = DEFENCES[name]
-        kwargs: dict[str, Any] = dict(target=target, repair=bool(repair), seed=seed, **config.agme_options)
-        if knowledge == "trigger+target":
-            kwargs["trigger"] = trigger_spec
+        method = MethodOptions(repair=bool(repair), seed=seed, **config.agme_options)
+        given = trigger_spec if knowledge == "trigger+target" else None
         with PeakMemory() as mem:
             start = time.perf_counter()
-            result = clean(model, edit, **kwargs)
+            result = clean(model, edit, trigger=given, target=target, method=method)
             seconds = time.perf_counter() - start
         t = result.timings
         out.update(defended=result.model, applicable=True, reason="", seconds=seconds,
-                   agme_capture_seconds=t.get("capture"), agme_solve_seconds=t.get("solve"),
-                   agme_edit_seconds=(t.get("capture") or 0.0) + (t.get("solve") or 0.0),
-                   agme_selection_seconds=t.get("selection"), agme_inversion_seconds=t.get("inversion"),
+                   agme_capture_seconds=t.capture, agme_solve_seconds=t.solve, agme_edit_seconds=t.capture + t.solve,
+                   agme_selection_seconds=t.selection, agme_inversion_seconds=t.inversion,
                    layers=",".join(result.layers), lam=result.lam,
                    hparams={"layers": result.layers, "lam": result.lam, "gamma": result.gamma,
                             "target_weight": result.target_weight, "augment_copies": result.augment_copies,

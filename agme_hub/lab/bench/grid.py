@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import UsageError
+from ...options import MethodOptions
 from ...triggers import PRESETS
 
 __all__ = ["ArchSpec", "ARCHS", "TRIGGERS", "DEFENCES", "AGME_DEFENCES", "BenchConfig", "arch_spec", "config_with"]
@@ -84,6 +85,7 @@ class BenchConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        MethodOptions.with_overrides(**self.agme_options)  # an unknown or bad knob fails here, not mid-run
         unknown = [d for d in self.defences if d not in DEFENCES]
         if unknown:
             raise UsageError(f"unknown defence(s) {', '.join(unknown)}: choose from {', '.join(DEFENCES)}")
