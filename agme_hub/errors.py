@@ -13,8 +13,8 @@ __all__ = [
     "UnauthorizedError", "RevisionNotFoundError", "OfflineCacheMissError", "NetworkError",
     "OutputExistsError", "PushError", "JobsFileError", "BatchFailedError", "InvalidConfigError",
     "InvalidWeightsError", "OutputOverlapsInputError", "OutputNotWritableError", "ReportError",
-    "WriteVerificationError", "CardValidationError", "one_line",
-]
+    "WriteVerificationError", "CardValidationError",
+]  # and one_line(), the helper that gives an error's first line
 
 
 def one_line(error: BaseException) -> str:

@@ -27,9 +27,13 @@ from .errors import UsageError
 
 __all__ = [
     "HEADLINE_METRICS", "MetricValues", "TriggerRecord", "TargetRecord", "DataRecord", "MethodRecord", "PushRecord",
-    "PlannedPush", "Provenance", "CleanReport", "SourceInfo", "Evaluation", "format_percent", "format_change",
-    "write_text_atomic",
+    "PlannedPush", "Provenance", "CleanReport", "SourceInfo", "Evaluation", "RUN_DETAILS", "same_result",
+    "format_percent", "format_change", "write_text_atomic", "current_umask",
 ]
+
+# Fields that differ between two runs that made the same model: how long each stage took, where the folder
+# was pushed, and the list of written files (it holds the card's sha256, which shows the timings).
+RUN_DETAILS = frozenset({"timing", "push", "output_files"})
 
 # The four headline metrics, in the order every table shows them: (key, label).
 HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
@@ -66,6 +70,20 @@ def format_change(before: Any, after: Any, *, unit: str = "pt", missing: str = "
     return f"{delta + 0.0:+.1f} {unit}"  # + 0.0 turns -0.0 into 0.0, so no change prints as +0.0
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only be set)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write through a temporary file in the same folder, so an interrupted write never leaves half a file."""
     path = Path(path)
@@ -73,6 +91,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain write would follow the umask
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -369,12 +388,8 @@ class CleanReport:
         return json.dumps(self.to_json(), indent=2) + "\n"
 
     def same_result(self, other: "CleanReport") -> bool:
-        """Equal but for how long it took and where it was pushed: a re-run that changed nothing.
-
-        The list of written files is ignored too: it holds the card's sha256, which changes with the timings.
-        """
-        ignore = {"timing": None, "push": None, "output_files": None}
-        return dataclasses.replace(self, **ignore) == dataclasses.replace(other, **ignore)
+        """Equal but for the run details (``RUN_DETAILS``): a re-run that changed nothing."""
+        return same_result(self.to_json(), other.to_json())
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> "CleanReport":
@@ -437,6 +452,12 @@ class CleanReport:
         if not isinstance(values, dict):
             raise UsageError(f"{path} does not hold a JSON object; run `agme clean` again to rewrite it")
         return cls.from_json(values)
+
+
+def same_result(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> bool:
+    """Whether two report objects (as read from files) differ only in ``RUN_DETAILS``; every other key counts."""
+    return ({k: v for k, v in ours.items() if k not in RUN_DETAILS}
+            == {k: v for k, v in theirs.items() if k not in RUN_DETAILS})
 
 
 # ------------------------------------------------------------------------------------------ other results

@@ -21,13 +21,12 @@ from pathlib import Path
 
 from ..constants import REPORT_NAME
 from ..errors import OutputExistsError, OutputNotWritableError, OutputOverlapsInputError, UsageError
-from ..report import CleanReport
+from ..report import CleanReport, current_umask
 
 __all__ = [
     "output_files", "record_written", "is_agme_folder", "check_output_dir",
     "check_output_overlap", "check_output_writable", "apply_umask", "restore_interrupted_output",
 ]
-
 
 
 def _sha256(path: Path) -> str:
@@ -140,22 +139,9 @@ def check_output_writable(out: Path) -> None:
     probe.rmdir()
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask sets it to read it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def apply_umask(folder: Path) -> None:
     """Give ``folder`` and its content the modes a plain mkdir/open would (mkdtemp and some writers use 0700/0600)."""
-    mask = _umask()
+    mask = current_umask()
     for path in [folder, *_entries(folder)]:
         if path.is_symlink():
             continue

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, REPORT_NAME, WEIGHTS_NAME
 from ..errors import AgmeError, PushError
-from ..report import CleanReport
+from ..report import same_result
 from .client import hub_timeout, make_hub_api, map_hub_error
 
 if TYPE_CHECKING:
@@ -196,8 +196,9 @@ def _only_run_details_differ(api: HfApi, repo_id: str, local: dict[str, Path], r
                              changed: tuple[str, ...], *, revision: str, token: str | None) -> bool:
     """Whether the changed files are only the report and card, and the reports differ only in run details.
 
-    Two runs that made the same model differ only in how long each stage took and where the folder was
-    pushed (``CleanReport.same_result``); the card lines rendered from those differ too. Such a push is skipped.
+    Two runs that made the same model differ only in the report's run details (``report.RUN_DETAILS``: how
+    long each stage took, where the folder was pushed); the card lines rendered from those differ too. Such a
+    push is skipped.
     """
     if REPORT_NAME not in changed or not set(changed) <= {REPORT_NAME, CARD_NAME} or REPORT_NAME not in remote:
         return False
@@ -212,7 +213,7 @@ def _only_run_details_differ(api: HfApi, repo_id: str, local: dict[str, Path], r
             return False
     if not isinstance(theirs, dict) or not isinstance(ours, dict):
         return False
-    if not CleanReport.from_json(theirs).same_result(CleanReport.from_json(ours)):
+    if not same_result(ours, theirs):
         return False
     # The card is rendered from the report: with equal reports it differs only in the timings it shows.
     return CARD_NAME not in changed or _is_agme_card(api, repo_id, revision=revision, token=token)
