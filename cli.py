@@ -274,9 +274,10 @@ def card(folder: Annotated[Path, typer.Argument(help="An agme output folder.")])
 @app.command("backdoor-train", rich_help_panel="Lab")
 @handle_errors
 def backdoor_train(
-    out: Annotated[Path, typer.Option("--out", help="Output folder (timm format).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (timm or transformers format, see --format).")],
     dataset: Annotated[str, typer.Option("--dataset", help="Built-in dataset: fashion-mnist, mnist.")] = "fashion-mnist",
-    arch: Annotated[str, typer.Option("--arch", help="Any timm architecture name.")] = "resnet18",
+    arch: Annotated[str, typer.Option("--arch", help="A timm architecture name; with --format transformers: vit, "
+                                                     "convnext, resnet or a ...ForImageClassification class.")] = "resnet18",
     trigger: Annotated[str, typer.Option("--trigger", help="Trigger spec or preset.")] = "badnets-white-br",
     target: Annotated[int, typer.Option("--target", help="Target class (all-to-one).")] = 0,
     poison_rate: Annotated[float, typer.Option("--poison-rate", help="Fraction of training images poisoned.")] = 0.1,
@@ -285,11 +286,13 @@ def backdoor_train(
     img_size: Annotated[int, typer.Option("--img-size")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Replace an existing --out folder.")] = False,
+    model_format: Annotated[str, typer.Option("--format", help="timm, or transformers (needs agme[transformers]).")
+                            ] = "timm",
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a backdoored timm model on real offline data (for tests, benchmarks and demos)."""
+    """Train a backdoored timm or transformers model on real offline data (for tests, benchmarks and demos)."""
     config = api.BackdoorConfig(dataset=dataset, arch=arch, trigger=trigger, target=target, poison_rate=poison_rate,
-                                epochs=epochs, seed=seed, n_train=per_class, img_size=img_size)
+                                epochs=epochs, seed=seed, n_train=per_class, img_size=img_size, format=model_format)
     if out.exists() and any(out.iterdir()) and not yes:
         raise api.errors.OutputExistsError(f"{out} exists; choose another --out or pass --yes")
     result = api.train_backdoored(config, out_dir=out, progress=not as_json and err_console.is_terminal, overwrite=yes)

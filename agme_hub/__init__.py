@@ -7,6 +7,9 @@ The public API, used by the ``agme`` command line, batch jobs and scripts alike:
     data = agme_hub.load_images("fashion-mnist")
     result = agme_hub.clean(model, data.subset(range(100)), trigger="badnets-white-br", target=0)
     agme_hub.evaluate(result.model, data, trigger="badnets-white-br", target=0)
+
+``agme_hub.load`` reads timm and transformers folders. Any other ``nn.Module`` mapping images to logits works
+too, given its preprocessing: ``agme_hub.clean(net, data, ..., preprocess=agme_hub.Preprocessor(...))``.
 """
 
 __version__ = "0.1.0"
@@ -21,6 +24,7 @@ from .card import render_card as render_card
 from .checkpoint import load_model as load
 from .checkpoint import save_model as save
 from .data import ImageSet as ImageSet
+from .data import Preprocessor as Preprocessor
 from .data import load_images as load_images
 from .engine import CleanResult as CleanResult
 from .engine import clean as clean
@@ -37,5 +41,5 @@ from .triggers import parse_trigger as parse_trigger
 __all__ = [
     "__version__", "clean", "evaluate", "load", "save", "push", "run_clean", "run_demo", "inspect_source",
     "evaluate_source", "load_images", "parse_trigger", "train_backdoored", "BackdoorConfig", "CleanOptions",
-    "CleanResult", "ImageSet", "Metrics", "render_card", "rerender_card", "errors", "constants", "batch",
+    "CleanResult", "ImageSet", "Preprocessor", "Metrics", "render_card", "rerender_card", "errors", "constants", "batch",
 ]

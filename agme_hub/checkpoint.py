@@ -25,6 +25,7 @@ from .errors import PickleRefusedError, RepoNotFoundError, UnsupportedFormatErro
 
 __all__ = [
     "read_config", "parse_config", "load_model", "save_model", "sha256_file", "atomic_output_dir", "describe_format",
+    "model_config", "model_format",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -63,10 +64,30 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     kind = describe_format(folder)
     if kind != "timm":
         raise UnsupportedFormatError(
-            f"{folder} is not a timm checkpoint: found {kind}. agme needs config.json with an 'architecture' "
-            "field and model.safetensors (timm.models.save_for_hf writes both)."
+            f"{folder} is neither a timm nor a transformers image classifier: found {kind}. agme needs config.json "
+            "with an 'architecture' field (timm) or with architectures [...ForImageClassification] (transformers), "
+            "and model.safetensors."
         )
     return json.loads((folder / CONFIG_NAME).read_text())
+
+
+def model_format(folder: str | os.PathLike[str]) -> str:
+    """``"transformers"`` for a transformers folder, else ``"timm"`` (checked when read)."""
+    from .transformers_format import is_transformers_folder
+
+    return "transformers" if is_transformers_folder(folder) else "timm"
+
+
+def model_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """``read_config`` for timm folders; for transformers folders a summary of the same shape.
+
+    The summary has ``architecture``, ``num_classes``, ``label_names`` and ``format: transformers``.
+    """
+    if model_format(folder) == "transformers":
+        from .transformers_format import summary_config
+
+        return summary_config(folder)
+    return read_config(folder)
 
 
 def parse_config(config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -103,7 +124,10 @@ def _weights_file(folder: Path, allow_pickle: bool) -> tuple[Path, bool]:
 
 
 def load_model(folder: str | os.PathLike[str], *, allow_pickle: bool = False) -> torch.nn.Module:
-    """Build the timm model a folder describes and load its weights, in eval mode.
+    """Build the model a folder describes and load its weights, in eval mode.
+
+    A timm folder gives the timm model; a transformers folder gives a :class:`~agme_hub.classifier.ClassifierView`
+    of the transformers model (logits out, the processor config as its preprocessing).
 
     Raises:
         UnsupportedFormatError: not a timm folder, or weights that do not fit the architecture.
@@ -112,6 +136,10 @@ def load_model(folder: str | os.PathLike[str], *, allow_pickle: bool = False) ->
     import timm
 
     folder = Path(folder)
+    if model_format(folder) == "transformers":
+        from .transformers_format import load_transformers_model
+
+        return load_transformers_model(folder, allow_pickle=allow_pickle)
     config = read_config(folder)  # format check with a clear message
     weights_path, is_pickle = _weights_file(folder, allow_pickle)
     model_name, pretrained_cfg, model_args = parse_config(config)
@@ -192,8 +220,15 @@ def save_model(
 ) -> Path:
     """Write ``model.safetensors`` (with ``__metadata__``) and a timm ``config.json`` into ``folder``.
 
-    The written weights are read back and compared tensor by tensor before returning.
+    The written weights are read back and compared tensor by tensor before returning. A transformers model
+    (or a view of one) is written in the transformers format instead (``pretrained_cfg``/``model_args`` unused).
     """
+    from .classifier import is_transformers_model, unwrap
+
+    if is_transformers_model(unwrap(model)):
+        from .transformers_format import save_transformers_model
+
+        return save_transformers_model(model, folder, label_names=label_names, metadata=metadata)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})

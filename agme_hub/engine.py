@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .classifier import ClassifierView, as_classifier, unwrap
 from .constants import DEFAULT_AUGMENT_COPIES, DEFAULT_GAMMA, DEFAULT_LAM_GRID, DEFAULT_TARGET_WEIGHT
 from .data import ImageSet, Preprocessor
 from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
@@ -139,11 +140,13 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
           repair: bool = True, lam: float | None = None, gamma: float = DEFAULT_GAMMA, layers: list[str] | None = None,
           seed: int = 0, augment_copies: int = DEFAULT_AUGMENT_COPIES, target_weight: float = DEFAULT_TARGET_WEIGHT,
           bn_stats: str = "keep", folds: int = 5, flip: bool = False, inversion_steps: int = 200,
-          lam_grid: tuple[float, ...] = DEFAULT_LAM_GRID, inplace: bool = False) -> CleanResult:
+          lam_grid: tuple[float, ...] = DEFAULT_LAM_GRID, inplace: bool = False,
+          preprocess: Preprocessor | None = None) -> CleanResult:
     """Remove a backdoor from ``model`` using the handful of clean images ``data``.
 
     Args:
-        model: a timm classifier; left untouched unless ``inplace``.
+        model: any ``nn.Module`` mapping images to logits (timm, transformers, torchvision, your own); left
+            untouched unless ``inplace``. The result's model is of the same kind.
         data: the clean, unseen images used for editing (raw, with labels).
         trigger: the known trigger (BDK mode); ``None`` reconstructs a surrogate (no-BDK mode).
         target: the target class; ``None`` detects it (from the trigger, or by inversion of every class).
@@ -151,6 +154,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         lam: ridge of the edit; ``None`` chooses it by cross-validation from ``lam_grid``.
         layers: module names or globs to edit; ``None`` chooses among the candidates by cross-validation.
         bn_stats: ``keep`` or ``recompute`` the BatchNorm running averages after the edited layers.
+        preprocess: how raw images become the model's input; needed for modules that carry none (timm models
+            and models from ``agme_hub.load`` carry their own).
 
     Returns:
         CleanResult with the edited model and what was chosen, detected and timed.
@@ -161,6 +166,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         raise UsageError("lam must be > 0, gamma >= 0, augment copies >= 0 and folds >= 2")
     if target is not None and not 0 <= target < data.num_classes:
         raise ClassMismatchError(f"target class {target} is out of range: 0..{data.num_classes - 1}")
+    caller_model = model
+    model = as_classifier(model, preprocess=preprocess)  # a view for transformers and plain torch modules
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != data.num_classes:
         raise ClassMismatchError(f"the model has {num_classes} classes, the data {data.num_classes}")
@@ -240,6 +247,10 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         # later layer came through the repaired earlier ones: exact for one layer, close for several.
         unrepaired = copy.deepcopy(edited)
         apply_edit(unrepaired, final_stats, lam=chosen_lam, gamma=gamma, target_weight=1.0, original=w0)
+    if model is not caller_model:  # hand back the kind of module the caller gave
+        edited = unwrap(edited) if not isinstance(caller_model, ClassifierView) else edited
+        unrepaired = unwrap(unrepaired) if unrepaired is not None and not isinstance(caller_model, ClassifierView) \
+            else unrepaired
     return CleanResult(edited, mode, used, trigger_kind, target, target_detected, detection, list(chosen_layers),
                        chosen_lam, gamma, weight, augment_copies, bn_stats, seed, len(data), selection, candidates,
                        timings, unrepaired)
@@ -252,16 +263,18 @@ def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 def evaluate(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None = None,
-             target: int | None = None) -> Metrics:
+             target: int | None = None, *, preprocess: Preprocessor | None = None) -> Metrics:
     """CA, ASR, TA, RA and per-class accuracy of ``model`` on ``data`` (ASR and RA need a trigger)."""
+    model = as_classifier(model, preprocess=preprocess)
     used = parse_trigger(trigger) if trigger is not None else None
     if target is not None and not 0 <= target < data.num_classes:
         raise ClassMismatchError(f"target class {target} is out of range: 0..{data.num_classes - 1}")
     return measure(model, data, Preprocessor.from_model(model), trigger=used, target=target)
 
 
-def inspect_layers(model: torch.nn.Module) -> Candidates:
+def inspect_layers(model: torch.nn.Module, *, preprocess: Preprocessor | None = None) -> Candidates:
     """The candidate layer groups the engine would choose from for ``model``."""
+    model = as_classifier(model, preprocess=preprocess)
     preprocess = Preprocessor.from_model(model)
     sample = torch.zeros((2,) + tuple(preprocess.input_size))
     return find_candidates(model, sample)

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__
 from .card import write_card
-from .checkpoint import atomic_output_dir, load_model, read_config, save_model, sha256_file
+from .checkpoint import atomic_output_dir, load_model, model_config, read_config, save_model, sha256_file
 from .constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from .data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
 from .engine import clean, inspect_layers
@@ -140,7 +140,7 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     say("resolving the source")
     resolved = resolve_source(source, revision=options.revision, token=options.token, offline=options.offline,
                               allow_pickle=options.allow_pickle, dry_run=options.dry_run, endpoint=endpoint)
-    config = read_config(resolved.local_dir)
+    config = model_config(resolved.local_dir)  # timm config, or a summary of a transformers one
     out = Path(options.out).resolve() if options.out else default_output_dir(resolved)
     if not options.dry_run:
         check_output_dir(out, yes=options.yes)
@@ -151,6 +151,7 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
         "agme_version": __version__, "status": "running", "source": source, "source_kind": resolved.kind,
         "revision": resolved.revision, "base_model": resolved.repo_id, "license": resolved.license,
         "architecture": config.get("architecture"), "num_classes": len(label_names), "label_names": label_names,
+        "format": config.get("format", "timm"),
         "mode": "bdk" if trigger is not None else "no-bdk",
         "trigger": {"spec": trigger.spec if trigger else None, "kind": "given" if trigger else None},
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.public_dict().items()},
@@ -219,7 +220,8 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     with atomic_output_dir(out, overwrite=True) as tmp:
         save_model(result.model, tmp, label_names=label_names, pretrained_cfg=config.get("pretrained_cfg"),
                    model_args=config.get("model_args"), metadata=metadata)
-        _keep_config(tmp / CONFIG_NAME, config)
+        if config.get("format") != "transformers":  # save_pretrained writes the whole transformers config
+            _keep_config(tmp / CONFIG_NAME, config)
         if isinstance(result.trigger, MaskTrigger):
             record["trigger"]["files"] = result.trigger.save(tmp / SURROGATE_DIR).replace(str(tmp), str(out))
         timing["save"] = time.perf_counter() - t0
@@ -263,14 +265,10 @@ def push_output(folder: str | os.PathLike[str], repo_id: str, *, token: str | No
 
 def _dry_run_report(base: dict[str, Any], resolved: ResolvedSource, options: CleanOptions, out: Path) -> dict[str, Any]:
     """What a run would do: the layers it would edit and the files it would write or push; writes nothing."""
-    import timm
-
-    from .checkpoint import parse_config
     from .units import resolve_layers
 
     # The architecture alone decides the layers: no weights are needed (a Hub dry run fetches none).
-    name, pretrained_cfg, model_args = parse_config(read_config(resolved.local_dir))
-    model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()
+    model = _untrained_model(resolved.local_dir)
     layers = {"given": resolve_layers(model, list(options.layers))} if options.layers else inspect_layers(model).groups
     record = dict(base)
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, REPORT_NAME]
@@ -282,23 +280,37 @@ def _dry_run_report(base: dict[str, Any], resolved: ResolvedSource, options: Cle
     return record
 
 
+def _untrained_model(folder: str | os.PathLike[str]) -> Any:
+    """The architecture a folder describes, with untrained weights (the layers do not depend on the weights)."""
+    import timm
+
+    from .checkpoint import model_format, parse_config
+
+    if model_format(folder) == "transformers":
+        from .transformers_format import build_transformers_model
+
+        return build_transformers_model(folder)
+    name, pretrained_cfg, model_args = parse_config(read_config(folder))
+    return timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()
+
+
 def inspect_source(source: str, *, revision: str | None = None, token: str | None = None, offline: bool = False,
                    allow_pickle: bool = False, endpoint: str | None = None) -> dict[str, Any]:
     """Format, architecture, classes, license, files and candidate layers of a checkpoint (no weights read)."""
-    import timm
-
-    from .checkpoint import describe_format, parse_config
+    from .checkpoint import describe_format
 
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               dry_run=True, endpoint=endpoint)
-    config = read_config(resolved.local_dir)
-    name, pretrained_cfg, model_args = parse_config(config)
-    model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()
+    config = model_config(resolved.local_dir)
+    model = _untrained_model(resolved.local_dir)
+    name = config["architecture"]
+    input_size = list(getattr(model, "preprocessor").input_size) if hasattr(model, "preprocessor") else \
+        list(model.pretrained_cfg.get("input_size", []))
     label_names = list(config.get("label_names") or [str(i) for i in range(int(config.get("num_classes", 0)))])
     return {"source": source, "format": describe_format(Path(resolved.local_dir)), "architecture": name,
             "repo_id": resolved.repo_id, "revision": resolved.revision, "num_classes": len(label_names),
             "label_names": label_names, "license": resolved.license,
-            "input_size": list(pretrained_cfg.get("input_size", [])), "files": list(resolved.files),
+            "input_size": input_size, "files": list(resolved.files),
             "candidate_layers": inspect_layers(model).groups}
 
 
@@ -311,7 +323,7 @@ def evaluate_source(source: str, *, data: str, trigger: str | None = None, targe
     used = parse_trigger(trigger) if trigger is not None else None
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               endpoint=endpoint)
-    config = read_config(resolved.local_dir)
+    config = model_config(resolved.local_dir)
     model = load_model(resolved.local_dir, allow_pickle=allow_pickle)
     label_names = list(config.get("label_names") or [str(i) for i in range(int(config.get("num_classes", 0)))])
     images = load_images(data, label_names=label_names)
