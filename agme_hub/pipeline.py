@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +43,12 @@ def library_versions() -> dict[str, str]:
     import timm
     import torch
 
-    return {"agme": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__}
+    versions = {"agme": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__}
+    transformers = sys.modules.get("transformers")  # recorded when a transformers model was loaded
+    if transformers is not None:
+        versions["transformers"] = transformers.__version__
+    return versions
 
 
 def resolve_target(target: str | int | None, label_names: list[str]) -> int | None:
@@ -272,6 +277,10 @@ def _dry_run_report(base: dict[str, Any], resolved: ResolvedSource, options: Cle
     layers = {"given": resolve_layers(model, list(options.layers))} if options.layers else inspect_layers(model).groups
     record = dict(base)
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, REPORT_NAME]
+    if base.get("format") == "transformers":
+        from .transformers_format import PROCESSOR_CONFIG_NAME
+
+        files.insert(2, PROCESSOR_CONFIG_NAME)
     if options.trigger is None:
         files += [f"{SURROGATE_DIR}/surrogate_pattern.png", f"{SURROGATE_DIR}/surrogate_mask.png"]
     record.update({"status": "dry-run", "candidate_layers": layers, "files": files,

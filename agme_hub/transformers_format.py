@@ -44,7 +44,8 @@ _RESAMPLE_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
 # Tiny configurations of three families, small enough to train on 32-px Fashion-MNIST in seconds to minutes.
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "vit": ("ViTForImageClassification", dict(patch_size=4, hidden_size=64, num_hidden_layers=4,
+    # 8-px patches: with 4-px ones (64 tokens) the backdoor did not take in 6 epochs on 3000 images (ASR 8%).
+    "vit": ("ViTForImageClassification", dict(patch_size=8, hidden_size=64, num_hidden_layers=3,
                                               num_attention_heads=4, intermediate_size=128)),
     "convnext": ("ConvNextForImageClassification", dict(patch_size=2, hidden_sizes=[16, 32, 64, 128],
                                                         depths=[1, 1, 2, 1])),

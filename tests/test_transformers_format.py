@@ -36,7 +36,7 @@ TRIGGER = "badnets-white-br"
 FAMILIES = ["vit", "convnext", "resnet"]
 # Training settings per family (the tiny configs are agme_hub.transformers_format.TINY_CONFIGS).
 TRAINING = {
-    "vit": {**TEST_TRAINING, "epochs": 8, "lr": 2e-3, "model_args": {"patch_size": 8, "num_hidden_layers": 3}},
+    "vit": {**TEST_TRAINING, "epochs": 8, "lr": 2e-3},  # a ViT from scratch needs a few more epochs
     "convnext": {**TEST_TRAINING},
     "resnet": {**TEST_TRAINING},
 }
