@@ -149,7 +149,7 @@ def test_clean_from_the_hub_push_and_load_back(hf_backdoored, hub_env, tmp_path)
     assert set(hub_env.server.files("me/vit-agme")) == OUTPUT_FILES | {".gitattributes"}
     card = hub_env.server.files("me/vit-agme")[CARD_NAME].decode()
     validate_card(card, base_model="org/vit-backdoored", library_name="transformers")
-    assert 'pipeline("image-classification", model="me/vit-agme")' in card
+    assert f'pipeline("image-classification", model="{tmp_path / "out"}")' in card  # as timm's: the folder it wrote
     pushed = transformers.AutoModelForImageClassification.from_pretrained("me/vit-agme").eval()
     with torch.no_grad():
         assert torch.equal(pushed(pixel_batch()).logits, load_model(tmp_path / "out")(pixel_batch()))
@@ -162,8 +162,16 @@ def test_clean_from_the_hub_push_and_load_back(hf_backdoored, hub_env, tmp_path)
     assert evaluated["metrics"]["attack_success_rate"] < 0.2
 
 
-def test_repo_that_is_neither_timm_nor_transformers_gets_one_line(hub_env, hf_backdoored):
-    weights = (hf_backdoored("resnet").out_dir / WEIGHTS_NAME).read_bytes()
+def untrained_folder(root: Path, family: str = "resnet") -> Path:
+    """A transformers folder of an untrained tiny model (for tests that never look at the weights' values)."""
+    from agme_hub.transformers_format import create_transformers_classifier
+
+    model = create_transformers_classifier(family, num_classes=10, img_size=32, mean=(0.5,), std=(0.25,))
+    return agme_hub.save(model, root / family)
+
+
+def test_repo_that_is_neither_timm_nor_transformers_gets_one_line(hub_env, tmp_path):
+    weights = (untrained_folder(tmp_path) / WEIGHTS_NAME).read_bytes()
     hub_env.server.commit("org/bert", {CONFIG_NAME: json.dumps({"architectures": ["BertForMaskedLM"],
                                                                 "model_type": "bert"}).encode(),
                                        WEIGHTS_NAME: weights})
@@ -176,8 +184,8 @@ def test_repo_that_is_neither_timm_nor_transformers_gets_one_line(hub_env, hf_ba
     assert "org/keras@" in keras and "no config.json" in keras and "neither" not in bert
 
 
-def test_missing_transformers_names_the_extra(hf_backdoored, monkeypatch):
-    folder = hf_backdoored("resnet").out_dir
+def test_missing_transformers_names_the_extra(tmp_path, monkeypatch):
+    folder = untrained_folder(tmp_path)
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
 
     line = one_line_error(agme("eval", folder, "--data", "fashion-mnist"), errors.MissingExtraError.exit_code)
@@ -208,3 +216,23 @@ def test_preprocessor_follows_the_image_processor(fmnist_test, processor_class, 
 
     assert ours.shape == expected.shape
     assert (ours - expected).abs().mean() < 0.05, (ours - expected).abs().mean()
+
+
+def test_batch_cleans_transformers_folders_and_resumes(hf_backdoored, tmp_path):
+    from agme_hub import batch
+
+    cheap = {"data": "fashion-mnist", "per_class": 5, "eval_per_class": 20, "lam": 0.1, "augment_copies": 1,
+             "trigger": TRIGGER, "target": TEST_TARGET}
+    heads = {"convnext": "classifier", "resnet": "classifier.1"}  # transformers' ResNet head is Flatten + Linear
+    jobs = batch.parse_jobs({"defaults": cheap, "jobs": [
+        {"source": str(hf_backdoored(family).out_dir), "name": family, "layers": [head]}
+        for family, head in heads.items()]})
+
+    summary = batch.run(jobs, out_root=tmp_path / "out", workers=1, threads_per_worker=1)
+    again = batch.run(jobs, out_root=tmp_path / "out", workers=1, resume=True)
+
+    assert summary.ok and {job.status for job in summary.jobs} == {"complete"}
+    for job in summary.jobs:
+        assert job.after["attack_success_rate"] < job.before["attack_success_rate"] - 0.3, (job.before, job.after)
+        assert (Path(job.output_dir) / PROCESSOR_CONFIG_NAME).is_file()
+    assert again.counts == {"skipped": 2}
