@@ -67,6 +67,16 @@ class ClassifierView(torch.nn.Module):
         self.num_classes = getattr(wrapped, "num_classes", None) or getattr(config, "num_labels", None)
         self.training = wrapped.training
 
+    def __getattr__(self, name: str) -> Any:
+        """Anything else is the wrapped module's (``config``, timm's ``feature_info`` and ``get_classifier``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            wrapped = self.__dict__.get("wrapped")  # absent while copy.deepcopy rebuilds the view
+            if wrapped is None:
+                raise
+            return getattr(wrapped, name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return logits_of(self.wrapped(x))
 
