@@ -157,6 +157,9 @@ def test_clean_from_the_hub_push_and_load_back(hf_backdoored, hub_env, tmp_path)
     info = parse_json(agme("inspect", "me/vit-agme", "--json"))
     assert info["format"] == "transformers (model_type=vit)" and info["candidate_layers"]["classifier"] == ["classifier"]
     assert info["candidate_layers"]["entry"][-1].endswith("mlp.fc1") and info["input_size"] == [3, 32, 32]
+    dry = run_clean("org/vit-backdoored", CleanOptions(data="fashion-mnist", out=str(tmp_path / "dry"), dry_run=True))
+    assert dry["revision"] == sha and PROCESSOR_CONFIG_NAME in dry["files"] and not (tmp_path / "dry").exists()
+    assert dry["candidate_layers"] == info["candidate_layers"]
     evaluated = parse_json(agme("eval", tmp_path / "out", "--data", "fashion-mnist", "--trigger", TRIGGER,
                                 "--target", "Trouser", "--json"))
     assert evaluated["metrics"]["attack_success_rate"] < 0.2
