@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_output_dir, save_model
 from .classifier import as_classifier
+from .transformers_format import create_transformers_classifier
 from .data import ImageSet, Preprocessor, balanced_indices, load_images
 from .errors import ClassMismatchError, UsageError
 from .metrics import Metrics, measure
@@ -152,8 +153,6 @@ def train_backdoored(config: BackdoorConfig, *, out_dir: str | Path | None = Non
     if model is not None:
         model = as_classifier(model, preprocess=preprocess)
     elif config.format == "transformers":
-        from .transformers_format import create_transformers_classifier
-
         model = create_transformers_classifier(config.arch, num_classes=train.num_classes, img_size=config.img_size,
                                                mean=mean, std=std, label_names=list(train.label_names),
                                                model_args=config.model_args)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .classifier import is_transformers_model, unwrap
 from .constants import CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME
 from .errors import PickleRefusedError, RepoNotFoundError, UnsupportedFormatError
 
@@ -73,9 +74,7 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 def model_format(folder: str | os.PathLike[str]) -> str:
     """``"transformers"`` for a transformers folder, else ``"timm"`` (checked when read)."""
-    from .transformers_format import is_transformers_folder
-
-    return "transformers" if is_transformers_folder(folder) else "timm"
+    return "transformers" if describe_format(Path(folder)).startswith("transformers") else "timm"
 
 
 def model_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -84,6 +83,7 @@ def model_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     The summary has ``architecture``, ``num_classes``, ``label_names`` and ``format: transformers``.
     """
     if model_format(folder) == "transformers":
+        # transformers_format builds on this module (its pickle policy): imported when used, not at the top
         from .transformers_format import summary_config
 
         return summary_config(folder)
@@ -137,6 +137,7 @@ def load_model(folder: str | os.PathLike[str], *, allow_pickle: bool = False) ->
 
     folder = Path(folder)
     if model_format(folder) == "transformers":
+        # transformers_format builds on this module (its pickle policy): imported when used, not at the top
         from .transformers_format import load_transformers_model
 
         return load_transformers_model(folder, allow_pickle=allow_pickle)
@@ -223,9 +224,8 @@ def save_model(
     The written weights are read back and compared tensor by tensor before returning. A transformers model
     (or a view of one) is written in the transformers format instead (``pretrained_cfg``/``model_args`` unused).
     """
-    from .classifier import is_transformers_model, unwrap
-
     if is_transformers_model(unwrap(model)):
+        # transformers_format builds on this module (its pickle policy): imported when used, not at the top
         from .transformers_format import save_transformers_model
 
         return save_transformers_model(model, folder, label_names=label_names, metadata=metadata)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .classifier import logits_of
+
 __all__ = ["TracedCall", "trace_calls", "traced_stages", "traced_head", "is_editable_module"]
 
 
@@ -115,8 +117,6 @@ def traced_head(model: torch.nn.Module, sample: torch.Tensor) -> str | None:
     """The classifier: the last editable layer called whose output has the logits' width (None if none)."""
     calls = trace_calls(model, sample)
     with torch.inference_mode():
-        from .classifier import logits_of
-
         num_classes = logits_of(model.eval()(sample)).shape[-1]
     modules = dict(model.named_modules())
     heads = [c.name for c in calls

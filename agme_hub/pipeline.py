@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__
 from .card import write_card
-from .checkpoint import atomic_output_dir, load_model, model_config, read_config, save_model, sha256_file
+from .checkpoint import atomic_output_dir, load_model, model_config, model_format, read_config, save_model, sha256_file
 from .constants import AGME_MARKER, CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from .data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
 from .engine import clean, inspect_layers
@@ -26,6 +26,7 @@ from .errors import ClassMismatchError, OutputExistsError, UsageError
 from .metrics import Metrics, measure
 from .options import CleanOptions
 from .sources import ResolvedSource, resolve_source
+from .transformers_format import PROCESSOR_CONFIG_NAME, build_transformers_model
 from .triggers import MaskTrigger, parse_trigger
 
 __all__ = ["run_clean", "push_output", "inspect_source", "evaluate_source", "run_demo", "demo_model_dir",
@@ -278,8 +279,6 @@ def _dry_run_report(base: dict[str, Any], resolved: ResolvedSource, options: Cle
     record = dict(base)
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, REPORT_NAME]
     if base.get("format") == "transformers":
-        from .transformers_format import PROCESSOR_CONFIG_NAME
-
         files.insert(2, PROCESSOR_CONFIG_NAME)
     if options.trigger is None:
         files += [f"{SURROGATE_DIR}/surrogate_pattern.png", f"{SURROGATE_DIR}/surrogate_mask.png"]
@@ -293,11 +292,9 @@ def _untrained_model(folder: str | os.PathLike[str]) -> Any:
     """The architecture a folder describes, with untrained weights (the layers do not depend on the weights)."""
     import timm
 
-    from .checkpoint import model_format, parse_config
+    from .checkpoint import parse_config
 
     if model_format(folder) == "transformers":
-        from .transformers_format import build_transformers_model
-
         return build_transformers_model(folder)
     name, pretrained_cfg, model_args = parse_config(read_config(folder))
     return timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args).eval()

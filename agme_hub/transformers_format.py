@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import _sort_safetensors_metadata, _weights_file
 from .classifier import ClassifierView, unwrap
 from .constants import CONFIG_NAME, WEIGHTS_NAME
 from .data import Preprocessor
@@ -195,9 +196,7 @@ def processor_config_for(preprocessor: Preprocessor) -> dict[str, Any]:
 # LOAD AND SAVE
 def _weights(folder: Path, allow_pickle: bool) -> bool:
     """True when the weights are safetensors; False for a pickle that ``allow_pickle`` lets through."""
-    from .checkpoint import _weights_file  # the one place the pickle policy is written down
-
-    _, is_pickle = _weights_file(folder, allow_pickle)
+    _, is_pickle = _weights_file(folder, allow_pickle)  # the one place the pickle policy is written down
     return not is_pickle
 
 
@@ -254,8 +253,6 @@ def save_transformers_model(model: torch.nn.Module, folder: str | os.PathLike[st
     """
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-
-    from .checkpoint import _sort_safetensors_metadata
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
