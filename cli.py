@@ -35,6 +35,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import agme_hub as api
@@ -66,7 +67,8 @@ VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="Show details 
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: a message may hold brackets (agme[transformers]) that rich would read as markup and drop
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -300,9 +302,10 @@ def card(folder: Annotated[Path, typer.Argument(help="An agme output folder.")],
 @app.command("backdoor-train", rich_help_panel="Lab")
 @handle_errors
 def backdoor_train(
-    out: Annotated[Path, typer.Option("--out", help="Output folder (timm format).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (timm or transformers format, see --format).")],
     dataset: Annotated[str, typer.Option("--dataset", help="Built-in dataset: fashion-mnist, mnist.")] = "fashion-mnist",
-    arch: Annotated[str, typer.Option("--arch", help="Any timm architecture name.")] = "resnet18",
+    arch: Annotated[str, typer.Option("--arch", help="A timm architecture name; with --format transformers: vit, "
+                                                     "convnext, resnet or a ...ForImageClassification class.")] = "resnet18",
     trigger: Annotated[str, typer.Option("--trigger", help="Trigger spec or preset.")] = "badnets-white-br",
     target: Annotated[int, typer.Option("--target", help="Target class (all-to-one).")] = 0,
     poison_rate: Annotated[float, typer.Option("--poison-rate", help="Fraction of training images poisoned.")] = 0.1,
@@ -311,11 +314,13 @@ def backdoor_train(
     img_size: Annotated[int, typer.Option("--img-size")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Replace an existing --out folder.")] = False,
+    model_format: Annotated[str, typer.Option("--format", help="timm, or transformers (needs agme[transformers]).")
+                            ] = "timm",
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a backdoored timm model on real offline data (for tests, benchmarks and demos)."""
+    """Train a backdoored timm or transformers model on real offline data (for tests, benchmarks and demos)."""
     config = api.BackdoorConfig(dataset=dataset, arch=arch, trigger=trigger, target=target, poison_rate=poison_rate,
-                                epochs=epochs, seed=seed, n_train=per_class, img_size=img_size)
+                                epochs=epochs, seed=seed, n_train=per_class, img_size=img_size, format=model_format)
     if out.exists() and any(out.iterdir()) and not yes:
         raise api.errors.OutputExistsError(f"{out} exists; choose another --out or pass --yes")
     result = api.train_backdoored(config, out_dir=out, progress=not as_json and err_console.is_terminal, overwrite=yes)

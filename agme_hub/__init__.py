@@ -11,6 +11,9 @@ The public API, used by the ``agme`` command line, batch jobs and scripts alike:
 Layers, each importing only from those before it: the shared vocabulary (this folder's modules),
 ``engine`` (model + images in memory -> edited model), ``hub`` (files and the Hub), ``app`` (SOURCE ->
 finished folder; batch), ``lab`` (backdoor training, baselines, bench, demo). See docs/ARCHITECTURE.md.
+
+``agme_hub.load`` reads timm and transformers folders. Any other ``nn.Module`` mapping images to logits works
+too, given its preprocessing: ``agme_hub.clean(net, data, ..., preprocess=agme_hub.Preprocessor(...))``.
 """
 
 from . import constants as constants
@@ -24,6 +27,7 @@ from .app import inspect_source as inspect_source
 from .app import push_output as push
 from .app import run_clean as run_clean
 from .data import ImageSet as ImageSet
+from .data import Preprocessor as Preprocessor
 from .data import load_images as load_images
 from .engine import CleanResult as CleanResult
 from .engine import Metrics as Metrics
@@ -44,6 +48,6 @@ from .triggers import parse_trigger as parse_trigger
 __all__ = [
     "__version__", "clean", "evaluate", "load", "save", "push", "run_clean", "run_demo", "inspect_source",
     "evaluate_source", "load_images", "parse_trigger", "train_backdoored", "BackdoorConfig", "CleanOptions",
-    "MethodOptions", "CleanResult", "CleanReport", "ImageSet", "Metrics", "render_card", "rerender_card", "errors",
-    "constants", "report", "redact", "batch",
+    "MethodOptions", "CleanResult", "CleanReport", "ImageSet", "Preprocessor", "Metrics", "render_card",
+    "rerender_card", "errors", "constants", "report", "redact", "batch",
 ]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ClassMismatchError, DataError, DatasetNotInstalledError, ShapeMismatchError
+from .errors import ClassMismatchError, DataError, DatasetNotInstalledError, ShapeMismatchError, UsageError
 
 __all__ = [
     "ImageSet", "Preprocessor", "load_images", "load_image_folder", "load_npz", "load_builtin",
@@ -347,8 +347,15 @@ class Preprocessor:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "Preprocessor":
+        """The preprocessing a model carries: a view's ``preprocessor``, else timm's ``pretrained_cfg``."""
         from timm.data import resolve_model_data_config
 
+        attached = getattr(model, "preprocessor", None)
+        if isinstance(attached, Preprocessor):  # a ClassifierView (transformers, any torch module)
+            return attached
+        if not getattr(model, "pretrained_cfg", None):
+            raise UsageError(f"{type(model).__name__} carries no preprocessing (no timm pretrained_cfg); pass "
+                             "preprocess=agme_hub.Preprocessor(input_size=(C, H, W), mean=(...), std=(...))")
         cfg = resolve_model_data_config(model)
         in_chans = _model_in_chans(model) or cfg["input_size"][0]
         mean, std = tuple(cfg["mean"]), tuple(cfg["std"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AgmeError", "UsageError", "DataError", "DatasetNotInstalledError", "TriggerSpecError",
     "ShapeMismatchError", "ClassMismatchError", "UnsupportedFormatError", "UnsupportedArchitectureError",
-    "PickleRefusedError", "LayerNotFoundError", "RepoNotFoundError", "GatedRepoError",
+    "PickleRefusedError", "LayerNotFoundError", "MissingExtraError", "RepoNotFoundError", "GatedRepoError",
     "UnauthorizedError", "RevisionNotFoundError", "OfflineCacheMissError", "NetworkError",
     "OutputExistsError", "PushError", "JobsFileError", "BatchFailedError", "InvalidConfigError",
     "InvalidWeightsError", "OutputOverlapsInputError", "OutputNotWritableError", "ReportError",
@@ -101,6 +101,12 @@ class LayerNotFoundError(AgmeError, LookupError):
     """Raised when a layer name or glob given by the user matches no module of the model."""
 
     exit_code = 13
+
+
+class MissingExtraError(AgmeError, ImportError):
+    """Raised when a model needs an optional extra that is not installed (``pip install "agme[transformers]"``)."""
+
+    exit_code = 16
 
 
 # HUB ERRORS

@@ -314,6 +314,7 @@ class CleanReport:
     architecture: str | None = None
     num_classes: int | None = None
     label_names: list[str] | None = None
+    format: Literal["timm", "transformers"] | None = None  # the source's format, which the output keeps
     mode: Literal["bdk", "no-bdk"] | None = None
     trigger: TriggerRecord = field(default_factory=TriggerRecord)
     options: dict[str, Any] = field(default_factory=dict)  # CleanOptions.public_dict(), tuples as lists
@@ -363,7 +364,8 @@ class CleanReport:
             "agme_version": self.agme_version, "status": self.status, "source": self.source,
             "source_kind": self.source_kind, "revision": self.revision, "base_model": self.base_model,
             "license": self.license, "architecture": self.architecture, "num_classes": self.num_classes,
-            "label_names": self.label_names, "mode": self.mode, "trigger": self.trigger.to_json(),
+            "label_names": self.label_names, **({"format": self.format} if self.format else {}),
+            "mode": self.mode, "trigger": self.trigger.to_json(),
             "options": self.options, "output_dir": self.output_dir,
             "push": self.push.to_json() if self.push is not None else None, "command": self.command,
         }
@@ -407,6 +409,7 @@ class CleanReport:
             revision=_str(values.get("revision")), base_model=_str(values.get("base_model")),
             license=_str(values.get("license")), architecture=_str(values.get("architecture")),
             num_classes=_int(values.get("num_classes")), label_names=_strings(values.get("label_names")),
+            format=fmt if (fmt := values.get("format")) in ("timm", "transformers") else None,
             mode=mode if mode in ("bdk", "no-bdk") else None, trigger=TriggerRecord.from_json(values.get("trigger")),
             options=dict(values["options"]) if isinstance(values.get("options"), Mapping) else {},
             output_dir=_str(values.get("output_dir")),

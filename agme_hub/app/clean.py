@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +31,12 @@ from ..engine.layers import resolve_layers
 from ..engine.metrics import measure
 from ..errors import ClassMismatchError, DataError, UsageError
 from ..hub.card import write_card
-from ..hub.checkpoint import (atomic_output_dir, build_model, describe_format, label_names, load_model, parse_config,
-                              read_config, save_model, sha256_file)
+from ..hub.checkpoint import (atomic_output_dir, build_model, describe_format, label_names, load_model, model_config,
+                              model_format, read_config, save_model, sha256_file)
 from ..hub.outputs import check_output_dir, check_output_overlap, check_output_writable, output_files
 from ..hub.push import push_folder
 from ..hub.sources import ResolvedSource, resolve_source
+from ..hub.transformers_format import PROCESSOR_CONFIG_NAME, build_transformers_model
 from ..options import CleanOptions
 from ..report import (CleanReport, DataRecord, Evaluation, MethodRecord, MetricValues, PlannedPush, Provenance,
                       PushRecord, SourceInfo, TargetRecord, TriggerRecord)
@@ -50,8 +52,12 @@ Reporter = Callable[[str], None]  # receives one line per stage ("capture", ...)
 
 
 def library_versions() -> dict[str, str]:
-    return {"agme": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__}
+    versions = {"agme": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__}
+    transformers = sys.modules.get("transformers")  # recorded when a transformers model was loaded
+    if transformers is not None:
+        versions["transformers"] = transformers.__version__
+    return versions
 
 
 def resolve_target(target: str | int | None, names: list[str]) -> int | None:
@@ -134,7 +140,7 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     say("resolving the source")
     resolved = resolve_source(source, revision=options.revision, token=options.token, offline=options.offline,
                               allow_pickle=options.allow_pickle, dry_run=options.dry_run, endpoint=endpoint)
-    config = read_config(resolved.local_dir)
+    config = model_config(resolved.local_dir)  # timm config, or a summary of a transformers one
     out = Path(options.out).expanduser().resolve() if options.out else default_output_dir(resolved)
     if not options.dry_run:
         _check_output(out, options, source_dir=resolved.local_dir)
@@ -144,7 +150,7 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
         agme_version=__version__, status="running", source=source, source_kind=resolved.kind,
         revision=resolved.revision, base_model=resolved.repo_id, license=resolved.license,
         architecture=config.get("architecture"), num_classes=len(names), label_names=names,
-        mode="bdk" if trigger is not None else "no-bdk",
+        format=config.get("format", "timm"), mode="bdk" if trigger is not None else "no-bdk",
         trigger=TriggerRecord(spec=trigger.spec if trigger else None, kind="given" if trigger else None),
         options={k: (list(v) if isinstance(v, tuple) else v) for k, v in options.public_dict().items()},
         output_dir=str(out), command=shlex.join(["agme", *options.to_cli_args(source)]),
@@ -210,7 +216,8 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     with atomic_output_dir(out, overwrite=True) as tmp:
         save_model(result.model, tmp, label_names=names, pretrained_cfg=config.get("pretrained_cfg"),
                    model_args=config.get("model_args"), metadata=metadata)
-        _keep_config(tmp / CONFIG_NAME, config)
+        if config.get("format") != "transformers":  # save_pretrained writes the whole transformers config
+            _keep_config(tmp / CONFIG_NAME, config)
         if isinstance(result.trigger, MaskTrigger):
             files = result.trigger.save(tmp / SURROGATE_DIR).replace(str(tmp), str(out))
             record = record.replace(trigger=dataclasses.replace(record.trigger, files=files))
@@ -257,9 +264,11 @@ def push_output(folder: str | os.PathLike[str], repo_id: str, *, token: str | No
 def _dry_run_report(base: CleanReport, resolved: ResolvedSource, options: CleanOptions) -> CleanReport:
     """What a run would do: the layers it would edit and the files it would write or push; writes nothing."""
     # The architecture alone decides the layers: no weights are needed (a Hub dry run fetches none).
-    model = build_model(read_config(resolved.local_dir))
+    model = _untrained_model(resolved.local_dir)
     layers = {"given": resolve_layers(model, list(options.layers))} if options.layers else inspect_layers(model).groups
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, REPORT_NAME]
+    if base.format == "transformers":
+        files.insert(2, PROCESSOR_CONFIG_NAME)
     if options.trigger is None:
         files += [f"{SURROGATE_DIR}/surrogate_pattern.png", f"{SURROGATE_DIR}/surrogate_mask.png"]
     return base.replace(status="dry-run", candidate_layers=layers, files=files, source_files=list(resolved.files),
@@ -267,19 +276,28 @@ def _dry_run_report(base: CleanReport, resolved: ResolvedSource, options: CleanO
                         else None)
 
 
+def _untrained_model(folder: str | os.PathLike[str]) -> torch.nn.Module:
+    """The architecture a folder describes, with untrained weights (the layers do not depend on the weights)."""
+    if model_format(folder) == "transformers":
+        return build_transformers_model(folder)
+    return build_model(read_config(folder))
+
+
 def inspect_source(source: str, *, revision: str | None = None, token: str | None = None, offline: bool = False,
                    allow_pickle: bool = False, endpoint: str | None = None) -> SourceInfo:
     """Format, architecture, classes, license, files and candidate layers of a checkpoint (no weights read)."""
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               dry_run=True, endpoint=endpoint)
-    config = read_config(resolved.local_dir)
-    name, pretrained_cfg, _ = parse_config(config)
-    model = build_model(config)
+    config = model_config(resolved.local_dir)
+    model = _untrained_model(resolved.local_dir)
+    preprocessor = getattr(model, "preprocessor", None)  # a transformers view carries its processor's size
+    input_size = list(preprocessor.input_size if preprocessor is not None
+                      else model.pretrained_cfg.get("input_size", []))
     names = label_names(config)
-    return SourceInfo(source=source, format=describe_format(Path(resolved.local_dir)), architecture=name,
-                      repo_id=resolved.repo_id, revision=resolved.revision, num_classes=len(names),
-                      label_names=names, license=resolved.license,
-                      input_size=list(pretrained_cfg.get("input_size", [])), files=list(resolved.files),
+    return SourceInfo(source=source, format=describe_format(Path(resolved.local_dir)),
+                      architecture=str(config["architecture"]), repo_id=resolved.repo_id,
+                      revision=resolved.revision, num_classes=len(names), label_names=names, license=resolved.license,
+                      input_size=input_size, files=list(resolved.files),
                       candidate_layers=inspect_layers(model).groups)
 
 
@@ -292,7 +310,7 @@ def evaluate_source(source: str, *, data: str, trigger: str | None = None, targe
     used = parse_trigger(trigger) if trigger is not None else None
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               endpoint=endpoint)
-    names = label_names(read_config(resolved.local_dir))
+    names = label_names(model_config(resolved.local_dir))
     model = load_model(resolved.local_dir, allow_pickle=allow_pickle)
     images = load_images(data, label_names=names)
     index = resolve_target(target, names)

@@ -21,6 +21,7 @@ from ..data import ImageSet, Preprocessor
 from ..errors import ClassMismatchError, DataError
 from ..options import MethodOptions
 from ..triggers import Trigger, parse_trigger
+from .classifier import ClassifierView, as_classifier, unwrap
 from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
 from .inversion import TargetDetection, detect_target, invert_trigger
 from .layers import Candidates, editable_layer, find_candidates, resolve_layers
@@ -99,17 +100,21 @@ class _LayerChoice:
 
 
 def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | None = None, target: int | None = None,
-          method: MethodOptions | None = None, inplace: bool = False, **overrides: Any) -> CleanResult:
+          method: MethodOptions | None = None, inplace: bool = False, preprocess: Preprocessor | None = None,
+          **overrides: Any) -> CleanResult:
     """Remove a backdoor from ``model`` using the handful of clean images ``data``.
 
     Args:
-        model: a timm classifier; left untouched unless ``inplace``.
+        model: any ``nn.Module`` mapping images to logits (timm, transformers, torchvision, your own); left
+            untouched unless ``inplace``. The result's model is of the same kind.
         data: the clean, unseen images used for editing (raw, with labels).
         trigger: the known trigger (BDK mode); ``None`` reconstructs a surrogate (no-BDK mode).
         target: the target class; ``None`` detects it (from the trigger, or by inversion of every class).
         method: the method's knobs (repair, layers, lam, gamma, ...; see :class:`MethodOptions`);
             ``None``: the defaults.
         inplace: edit ``model`` itself instead of a copy.
+        preprocess: how raw images become the model's input; needed for modules that carry none (timm models
+            and models from ``agme_hub.load`` carry their own).
         **overrides: knobs of :class:`MethodOptions` by name, applied over ``method``
             (``clean(model, data, trigger=..., lam=0.1, layers=["fc"])``); an unknown name is a UsageError.
 
@@ -119,6 +124,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
     method = MethodOptions.with_overrides(method, **overrides)
     if target is not None and not 0 <= target < data.num_classes:
         raise ClassMismatchError(f"target class {target} is out of range: 0..{data.num_classes - 1}")
+    caller_model = model
+    model = as_classifier(model, preprocess=preprocess)  # a view for transformers and plain torch modules
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != data.num_classes:
         raise ClassMismatchError(f"the model has {num_classes} classes, the data {data.num_classes}")
@@ -138,6 +145,10 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         # later layer came through the repaired earlier ones: exact for one layer, close for several.
         unrepaired = copy.deepcopy(edited)
         apply_edit(unrepaired, final_stats, lam=layers.lam, gamma=method.gamma, target_weight=1.0, original=w0)
+    if model is not caller_model and not isinstance(caller_model, ClassifierView):
+        # hand back the kind of module the caller gave
+        edited = unwrap(edited)
+        unrepaired = unwrap(unrepaired) if unrepaired is not None else None
     timings = Timings(inversion=chosen.seconds, selection=layers.seconds, selection_capture=layers.capture_seconds,
                       **final_seconds)
     return CleanResult(model=edited, mode=chosen.mode, trigger=chosen.trigger, trigger_kind=chosen.kind,
@@ -237,16 +248,18 @@ def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 def evaluate(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None = None,
-             target: int | None = None) -> Metrics:
+             target: int | None = None, *, preprocess: Preprocessor | None = None) -> Metrics:
     """CA, ASR, TA, RA and per-class accuracy of ``model`` on ``data`` (ASR and RA need a trigger)."""
+    model = as_classifier(model, preprocess=preprocess)
     used = parse_trigger(trigger) if trigger is not None else None
     if target is not None and not 0 <= target < data.num_classes:
         raise ClassMismatchError(f"target class {target} is out of range: 0..{data.num_classes - 1}")
     return measure(model, data, Preprocessor.from_model(model), trigger=used, target=target)
 
 
-def inspect_layers(model: torch.nn.Module) -> Candidates:
+def inspect_layers(model: torch.nn.Module, *, preprocess: Preprocessor | None = None) -> Candidates:
     """The candidate layer groups the engine would choose from for ``model``."""
+    model = as_classifier(model, preprocess=preprocess)
     preprocess = Preprocessor.from_model(model)
     sample = torch.zeros((2,) + tuple(preprocess.input_size))
     return find_candidates(model, sample)

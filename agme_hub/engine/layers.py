@@ -5,7 +5,8 @@ per token for transformers) or a ``nn.Conv2d`` with ``groups == 1`` (keys are it
 patches, ``C_in * kh * kw`` values at every output position). Anything else is refused by name.
 
 Candidates come from the model itself: the classifier, and the linear maps that read the whole
-representation at the entry of the last stage (found from timm's ``feature_info``).
+representation at the entry of the last stage (found from timm's ``feature_info``, or for transformers and
+plain torch modules from a traced forward pass, see :mod:`agme_hub.engine.tracing`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .capture import capture_activations, get_module, match_layer_names
 from ..errors import UnsupportedArchitectureError
+from .capture import capture_activations, get_module, match_layer_names
+from .tracing import traced_head, traced_stages
 
 # The edit keeps four (d, d) float64 matrices per layer and fold: d = 8192 is 0.5 GiB each.
 MAX_KEY_DIM = 8192
@@ -116,9 +118,17 @@ def _is_editable(module: torch.nn.Module) -> bool:
             and _key_dim(module) <= MAX_KEY_DIM)
 
 
-def classifier_name(model: torch.nn.Module) -> str:
-    """Dotted name of the model's classifier (``get_classifier()``), which must be a Linear or a conv."""
+def classifier_name(model: torch.nn.Module, sample: torch.Tensor | None = None) -> str:
+    """Dotted name of the model's classifier (``get_classifier()``), which must be a Linear or a conv.
+
+    A model without ``get_classifier`` (transformers, plain torch) is traced on ``sample``: the classifier is
+    the last editable layer whose output has the logits' width.
+    """
     get = getattr(model, "get_classifier", None)
+    if get is None and sample is not None:
+        traced = traced_head(model, sample)
+        if traced is not None and _is_editable(get_module(model, traced)):
+            return traced
     head = get() if get is not None else None
     if isinstance(head, (tuple, list)):  # distilled models return (head, head_dist)
         head = head[0]
@@ -140,7 +150,8 @@ class Candidates:
         return [(group, ", ".join(names)) for group, names in self.groups.items()]
 
 
-def _execution_order(model: torch.nn.Module, sample: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+def _execution_order(model: torch.nn.Module, sample: torch.Tensor,
+                     boundary_names: set[str] | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """(name, input shape) of every leaf module, in the order a forward pass runs them."""
     order: list[tuple[str, tuple[int, ...]]] = []
     handles = []
@@ -151,7 +162,8 @@ def _execution_order(model: torch.nn.Module, sample: torch.Tensor) -> list[tuple
                 order.append((name, tuple(inputs[0].shape[1:])))
         return fn
 
-    boundary_names = {f["module"] for f in getattr(model, "feature_info", [])}
+    if boundary_names is None:
+        boundary_names = {f["module"] for f in getattr(model, "feature_info", [])}
     try:
         for name, module in model.named_modules():
             if name and (not list(module.children()) or name in boundary_names):
@@ -180,8 +192,11 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
     groups: dict[str, list[str]] = {}
     boundary = None
     info = [f["module"] for f in getattr(model, "feature_info", [])]
+    if len(info) < 2 and not hasattr(model, "feature_info"):  # not timm: the stages come from a traced pass
+        info = traced_stages(model, sample)
+    head = classifier_name(model, sample)
     if len(info) >= 2:
-        order = _execution_order(model, sample)
+        order = _execution_order(model, sample, set(info))
         outputs: dict[str, tuple[int, ...]] = {}
         with torch.inference_mode():
             with capture_activations(model, info, retain_input=False, retain_output=True) as trace:
@@ -201,11 +216,15 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
             channels = _channels(outputs[boundary])
             entry = [n for n, s in order[position + 1:]
                      if s and _channels(s) == channels and _is_editable(get_module(model, n))]
-            head = classifier_name(model)
             entry = list(dict.fromkeys(n for n in entry if n != head))
             if entry:
                 groups["entry"] = entry
-    groups["classifier"] = [classifier_name(model)]
+    elif not hasattr(model, "feature_info"):  # no stages at all (layers in one nn.Sequential): the layer before the head
+        order = _execution_order(model, sample, set())
+        before = [n for n, _ in order if n != head and _is_editable(get_module(model, n))]
+        if before:
+            groups["entry"] = [before[-1]]
+    groups["classifier"] = [head]
     return Candidates(groups, boundary)
 
 

@@ -198,16 +198,22 @@ def _agme_block(report: CleanReport) -> dict[str, Any]:
     return {key: value for key, value in block.items() if value is not None}
 
 
+def _library(report: CleanReport) -> str:
+    """The library that loads the output: ``transformers`` for a transformers source, else ``timm``."""
+    return "transformers" if report.format == "transformers" else "timm"
+
+
 def _card_data(report: CleanReport) -> ModelCardData:
     base_model = report.base_model or None
     results = _eval_results(report)
+    library = _library(report)
     return ModelCardData(
         base_model=base_model,
         base_model_relation="finetune" if base_model else None,  # a relation without a base model means nothing
-        library_name="timm",
+        library_name=library,
         pipeline_tag="image-classification",
         license=report.license or None,  # carried over from the source, never invented
-        tags=list(_TAGS),
+        tags=[library if tag == "timm" else tag for tag in _TAGS],
         model_name=_model_name(report) if results else None,
         eval_results=results or None,
         agme=_agme_block(report) or None,
@@ -353,9 +359,9 @@ def _load(report: CleanReport) -> tuple[str, str]:
         if pr_url:
             note = (f"This model was pushed as a [pull request]({pr_url}); the snippet loads the repo's main "
                     "branch, which holds this model once the pull request is merged.")
-        return f"hf-hub:{repo_id}", note
+        return (repo_id if _library(report) == "transformers" else f"hf-hub:{repo_id}"), note
     folder = report.output_dir or "PATH/TO/THIS/FOLDER"
-    return f"local-dir:{folder}", ""
+    return (str(folder) if _library(report) == "transformers" else f"local-dir:{folder}"), ""
 
 
 def _status_note(report: CleanReport) -> str:
@@ -409,6 +415,7 @@ def _context(report: CleanReport) -> dict[str, Any]:
         "weights_sha256": _code(sha) if sha else _NOT_RECORDED,
         "version_rows": _version_rows(report),
         "load_id": load_id,
+        "library": _library(report),
         "push_note": push_note,
         "command": " ".join((report.command or f"# command {_NOT_RECORDED}").splitlines()),
     }
@@ -441,12 +448,13 @@ def _tags(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else [str(tag) for tag in value] if isinstance(value, Iterable) else []
 
 
-def validate_card(text: str, *, base_model: str | None = None) -> None:
+def validate_card(text: str, *, base_model: str | None = None, library_name: str = "timm") -> None:
     """Check a card offline: the metadata parses and holds what the Hub and agme need.
 
     Args:
         text: The card text.
         base_model: The source repo id when known; the card must then declare it as ``base_model``.
+        library_name: The library the card must name: ``timm``, or ``transformers`` for a transformers model.
 
     Raises:
         CardValidationError: With a one-line message naming the first problem found.
@@ -460,7 +468,7 @@ def validate_card(text: str, *, base_model: str | None = None) -> None:
     if base_model is not None and base_model not in _tags(metadata.get("base_model")):
         found = metadata.get("base_model")
         raise CardValidationError(f"model card metadata: base_model must be {base_model!r}, found {found!r}")
-    for key, expected in (("library_name", "timm"), ("pipeline_tag", "image-classification")):
+    for key, expected in (("library_name", library_name), ("pipeline_tag", "image-classification")):
         if metadata.get(key) != expected:
             raise CardValidationError(f"model card metadata: {key} must be {expected!r}, found {metadata.get(key)!r}")
     missing = [tag for tag in _REQUIRED_TAGS if tag not in _tags(metadata.get("tags"))]
@@ -501,7 +509,7 @@ def write_card(folder: str | os.PathLike[str], report: CleanReport | Mapping[str
         raise OutputExistsError(f"{path} was not written by agme: move it away or pass --yes to replace it")
     typed = report if isinstance(report, CleanReport) else CleanReport.from_json(report)
     text = render_card(typed)
-    validate_card(text, base_model=typed.base_model or None)
+    validate_card(text, base_model=typed.base_model or None, library_name=_library(typed))
     write_text_atomic(path, text)
     _logger.debug("wrote model card %s", path)
     return path

@@ -30,11 +30,12 @@ from ..errors import (
     UnsupportedFormatError,
     WriteVerificationError,
 )
+from ..engine.classifier import is_transformers_model, unwrap
 from .outputs import apply_umask, restore_interrupted_output
 
 __all__ = [
     "read_config", "parse_config", "load_model", "save_model", "sha256_file", "atomic_output_dir", "describe_format",
-    "validate_config", "build_model", "label_names", "MAX_INPUT_SIDE",
+    "validate_config", "build_model", "label_names", "model_config", "model_format", "MAX_INPUT_SIDE",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -77,8 +78,9 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise InvalidConfigError(f"{folder}/{CONFIG_NAME} is not UTF-8 text; save it as UTF-8 JSON")
     if kind != "timm":
         raise UnsupportedFormatError(
-            f"{folder} is not a timm checkpoint: found {kind}. agme needs config.json with an 'architecture' "
-            "field and model.safetensors (timm.models.save_for_hf writes both)."
+            f"{folder} is neither a timm nor a transformers image classifier: found {kind}. agme needs config.json "
+            "with an 'architecture' field (timm) or with architectures [...ForImageClassification] (transformers), "
+            "and model.safetensors."
         )
     config: dict[str, Any] = json.loads((folder / CONFIG_NAME).read_bytes().decode("utf-8"))
     validate_config(config, where=f"{folder}/{CONFIG_NAME}")
@@ -164,6 +166,24 @@ def validate_config(config: dict[str, Any], *, where: str = CONFIG_NAME) -> None
             raise bad(f"pretrained_cfg.{key}", f"must be a string, got {value!r}")
 
 
+def model_format(folder: str | os.PathLike[str]) -> str:
+    """``"transformers"`` for a transformers folder, else ``"timm"`` (checked when read)."""
+    return "transformers" if describe_format(Path(folder)).startswith("transformers") else "timm"
+
+
+def model_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """``read_config`` for timm folders; for transformers folders a summary of the same shape.
+
+    The summary has ``architecture``, ``num_classes``, ``label_names`` and ``format: transformers``.
+    """
+    if model_format(folder) == "transformers":
+        # transformers_format builds on this module (its pickle policy): imported when used, not at the top
+        from .transformers_format import summary_config
+
+        return summary_config(folder)
+    return read_config(folder)
+
+
 def label_names(config: dict[str, Any]) -> list[str]:
     """The class names a config gives (``label_names``), else the class indices as strings."""
     names = config.get("label_names")
@@ -227,13 +247,22 @@ def _weights_file(folder: Path, allow_pickle: bool) -> tuple[Path, bool]:
 
 
 def load_model(folder: str | os.PathLike[str], *, allow_pickle: bool = False) -> torch.nn.Module:
-    """Build the timm model a folder describes and load its weights, in eval mode.
+    """Build the model a folder describes and load its weights, in eval mode.
+
+    A timm folder gives the timm model; a transformers folder gives a
+    :class:`~agme_hub.engine.classifier.ClassifierView` of the transformers model (logits out, the processor
+    config as its preprocessing).
 
     Raises:
         UnsupportedFormatError: not a timm folder, or weights that do not fit the architecture.
         PickleRefusedError: only pickle weights and ``allow_pickle`` is False.
     """
     folder = Path(folder)
+    if model_format(folder) == "transformers":
+        # transformers_format builds on this module (its pickle policy): imported when used, not at the top
+        from .transformers_format import load_transformers_model
+
+        return load_transformers_model(folder, allow_pickle=allow_pickle)
     config = read_config(folder)  # format and field checks with a clear message
     weights_path, is_pickle = _weights_file(folder, allow_pickle)
     model = build_model(config, where=f"{folder}/{CONFIG_NAME}")
@@ -394,6 +423,11 @@ def save_model(
 
     The written weights are read back and compared tensor by tensor before returning.
     """
+    if is_transformers_model(unwrap(model)):
+        # transformers_format builds on this module (its pickle policy): imported when used, not at the top
+        from .transformers_format import save_transformers_model
+
+        return save_transformers_model(model, folder, label_names=label_names, metadata=metadata)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})

@@ -159,7 +159,7 @@ def _publishable_files(folder: Path) -> dict[str, Path]:
         files[rel.as_posix()] = path
     missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if name not in files]
     if missing:
-        raise PushError(f"{folder} has no {' or '.join(missing)}; agme publishes only complete timm folders")
+        raise PushError(f"{folder} has no {' or '.join(missing)}; agme publishes only complete model folders")
     return files
 
 

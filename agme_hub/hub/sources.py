@@ -26,6 +26,7 @@ from ..constants import CARD_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NA
 from ..errors import AgmeError, PickleRefusedError, RepoNotFoundError, UnsupportedFormatError, UsageError
 from .checkpoint import read_config
 from .client import hub_offline_mode, hub_timeout, make_hub_api, map_hub_error
+from .transformers_format import PROCESSOR_CONFIG_NAME, check_transformers_folder, is_transformers_folder
 
 __all__ = ["ResolvedSource", "resolve_source"]
 
@@ -82,7 +83,7 @@ def resolve_source(
     dry_run: bool = False,
     endpoint: str | None = None,
 ) -> ResolvedSource:
-    """Resolve SOURCE to a local folder holding a timm checkpoint, pinned to one commit.
+    """Resolve SOURCE to a local folder holding a timm or transformers checkpoint, pinned to one commit.
 
     Args:
         source: a folder, ``org/name[@rev]``, ``hf-hub:org/name[@rev]`` or a timm pretrained name.
@@ -101,7 +102,8 @@ def resolve_source(
         UsageError: contradicting revisions, a malformed id, or a revision given for a folder.
         RepoNotFoundError, RevisionNotFoundError, GatedRepoError, UnauthorizedError, NetworkError: from the Hub.
         OfflineCacheMissError: offline and the cache does not hold the files.
-        UnsupportedFormatError: not a timm checkpoint (the message names what was found).
+        UnsupportedFormatError: neither a timm checkpoint nor a transformers image classifier (the message names
+            what was found).
         PickleRefusedError: only pickle weights and ``allow_pickle`` is False.
     """
     folder = _local_folder(source)
@@ -226,8 +228,9 @@ def _resolve_cached(
 
 def _allow_patterns(*, allow_pickle: bool, dry_run: bool) -> list[str]:
     if dry_run:
-        return [CONFIG_NAME, CARD_NAME]
-    return [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, *(PICKLE_WEIGHTS_NAMES if allow_pickle else ())]
+        return [CONFIG_NAME, CARD_NAME, PROCESSOR_CONFIG_NAME]
+    return [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, PROCESSOR_CONFIG_NAME,
+            *(PICKLE_WEIGHTS_NAMES if allow_pickle else ())]
 
 
 def _remember_ref(snapshot: Path, revision: str, sha: str) -> None:
@@ -252,7 +255,10 @@ def _remember_ref(snapshot: Path, revision: str, sha: str) -> None:
 # format checks
 def _check_timm_folder(folder: Path, files: tuple[str, ...], *, where: str, allow_pickle: bool) -> None:
     try:
-        read_config(folder)
+        if is_transformers_folder(folder):
+            check_transformers_folder(folder, where=where, files=files)
+        else:
+            read_config(folder)
     except UnsupportedFormatError as err:
         # Name the repo, not the cache path the message was built with.
         raise type(err)(str(err).replace(str(folder), where)) from None

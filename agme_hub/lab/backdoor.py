@@ -1,4 +1,4 @@
-"""Train backdoored timm models (all-to-one poisoning) for tests, benchmarks and the demo.
+"""Train backdoored models (all-to-one poisoning) for tests, benchmarks and the demo: timm, transformers, any module.
 
 ``train_backdoored(BackdoorConfig(dataset="fashion-mnist", arch="resnet18", trigger="badnets-white-br"))``
 poisons a fraction of the non-target training images with the trigger, relabels them to the target,
@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import WEIGHTS_NAME, cache_dir
-from ..hub.checkpoint import atomic_output_dir, save_model
 from ..data import ImageSet, Preprocessor, balanced_indices, load_images
-from ..errors import ClassMismatchError, UsageError
+from ..engine.classifier import as_classifier
 from ..engine.metrics import Metrics, measure
+from ..errors import ClassMismatchError, UsageError
+from ..hub.checkpoint import atomic_output_dir, save_model
+from ..hub.transformers_format import create_transformers_classifier
 from ..triggers import parse_trigger
 
 __all__ = ["BackdoorConfig", "BackdoorResult", "BACKDOOR_NAME", "create_classifier", "poison", "train_backdoored",
@@ -35,7 +37,12 @@ BACKDOOR_NAME = "backdoor.json"  # what was planted, written beside the weights 
 
 @dataclass(frozen=True)
 class BackdoorConfig:
-    """What to train: any timm architecture at the dataset's classes, with an all-to-one backdoor."""
+    """What to train: any timm architecture at the dataset's classes, with an all-to-one backdoor.
+
+    With ``format="transformers"``, ``arch`` is a tiny transformers family (``vit``, ``convnext``, ``resnet``, see
+    :data:`agme_hub.transformers_format.TINY_CONFIGS`) or a ``...ForImageClassification`` class name, and
+    ``model_args`` go to its config.
+    """
 
     dataset: str = "fashion-mnist"
     arch: str = "resnet18"
@@ -50,6 +57,7 @@ class BackdoorConfig:
     batch_size: int = 128
     lr: float = 2e-3
     model_args: dict[str, Any] = field(default_factory=dict)
+    format: str = "timm"  # or "transformers"
 
 
 @dataclass
@@ -113,8 +121,17 @@ def _progress(enabled: bool):  # type: ignore[no-untyped-def]
 
 
 def train_backdoored(config: BackdoorConfig, *, out_dir: str | Path | None = None, progress: bool = False,
-                     overwrite: bool = False) -> BackdoorResult:
-    """Train a backdoored model; write it as a timm folder when ``out_dir`` is given."""
+                     overwrite: bool = False, model: torch.nn.Module | None = None,
+                     preprocess: Preprocessor | None = None) -> BackdoorResult:
+    """Train a backdoored model; write it (timm or transformers format) when ``out_dir`` is given.
+
+    ``model`` trains your own module instead of building ``config.arch`` (any ``nn.Module`` mapping images to
+    logits; ``preprocess`` says how raw images become its input). Such a model is not written to ``out_dir``.
+    """
+    if config.format not in {"timm", "transformers"}:
+        raise UsageError(f"format must be timm or transformers, got {config.format!r}")
+    if model is not None and out_dir is not None:
+        raise UsageError("a model given as a module has no file format: train it without out_dir and save it yourself")
     if not 0.0 <= config.poison_rate < 1.0:
         raise UsageError(f"poison rate must be in [0, 1), got {config.poison_rate}")
     if config.epochs < 1:
@@ -136,8 +153,16 @@ def train_backdoored(config: BackdoorConfig, *, out_dir: str | Path | None = Non
     unit = train.images.astype(np.float32) / 255.0
     mean = tuple(float(m) for m in unit.mean(axis=(0, 1, 2)))
     std = tuple(float(s) for s in unit.std(axis=(0, 1, 2)))
-    model = create_classifier(config.arch, num_classes=train.num_classes, in_chans=in_chans, img_size=config.img_size,
-                              mean=mean, std=std, model_args=config.model_args)
+    given = model
+    if model is not None:
+        model = as_classifier(model, preprocess=preprocess)
+    elif config.format == "transformers":
+        model = create_transformers_classifier(config.arch, num_classes=train.num_classes, img_size=config.img_size,
+                                               mean=mean, std=std, label_names=list(train.label_names),
+                                               model_args=config.model_args)
+    else:
+        model = create_classifier(config.arch, num_classes=train.num_classes, in_chans=in_chans,
+                                  img_size=config.img_size, mean=mean, std=std, model_args=config.model_args)
     preprocess = Preprocessor.from_model(model)
     inputs = torch.cat([preprocess(poisoned.images[i:i + 4096]) for i in range(0, len(poisoned), 4096)])
     targets = torch.as_tensor(poisoned.labels)
@@ -163,10 +188,10 @@ def train_backdoored(config: BackdoorConfig, *, out_dir: str | Path | None = Non
     model.eval()
     seconds = time.perf_counter() - start
     metrics = measure(model, test, preprocess, trigger=trigger, target=config.target)
-    result = BackdoorResult(model, config, list(train.label_names), metrics, seconds)
+    result = BackdoorResult(given if given is not None else model, config, list(train.label_names), metrics, seconds)
     if out_dir is not None:
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            save_model(model, tmp, label_names=train.label_names, model_args=model.model_args,
+            save_model(model, tmp, label_names=train.label_names, model_args=getattr(model, "model_args", None),
                        metadata={"agme.backdoor": json.dumps({"trigger": trigger.spec, "target": config.target})})
             record = {"config": asdict(config), "trigger": trigger.spec, "metrics": metrics.as_dict(),
                       "train_seconds": round(seconds, 2)}
