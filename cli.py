@@ -314,7 +314,7 @@ def backdoor_train(
     img_size: Annotated[int, typer.Option("--img-size")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Replace an existing --out folder.")] = False,
-    model_format: Annotated[str, typer.Option("--format", help="timm, or transformers (needs agme[transformers]).")
+    model_format: Annotated[str, typer.Option("--format", help="timm, or transformers (needs the transformers extra of agme).")
                             ] = "timm",
     as_json: JsonOpt = False,
 ) -> None:
