@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .constants import DEFAULT_AUGMENT_COPIES, DEFAULT_GAMMA, DEFAULT_LAM_GRID, DEFAULT_TARGET_WEIGHT
+from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_GAMMA, DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID,
+                        DEFAULT_TARGET_WEIGHT)
 from .data import ImageSet, Preprocessor
 from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
 from .errors import ClassMismatchError, DataError, UsageError
@@ -36,12 +37,15 @@ class Selection:
     lam: float
     target_weight: float
     folds: int
-    table: list[dict[str, float | str]]  # one row per (group, lam): pooled held-out CA, TA, ASR, score
+    table: list[dict[str, float | str | None]]  # one row per (group, lam, protect): pooled held-out CA, TA, ASR, score
+    protect: float | None = None  # the repair's null-space constraint (edit.solve_edit), None = weight only
 
     def describe(self) -> str:
-        best = next(r for r in self.table if r["group"] == self.group and r["lam"] == self.lam)
+        best = next(r for r in self.table
+                    if r["group"] == self.group and r["lam"] == self.lam and r.get("protect") == self.protect)
+        protected = f", target keys protected to {self.protect:g} of their energy" if self.protect else ""
         return (f"{self.folds}-fold cross-validation on the edit images chose {self.group} "
-                f"({', '.join(self.layers)}) with lam={self.lam:g}: held-out CA {best['ca']:.1%}, "
+                f"({', '.join(self.layers)}) with lam={self.lam:g}{protected}: held-out CA {best['ca']:.1%}, "
                 f"TA {best['ta']:.1%}, ASR {best['asr']:.1%} ({len(self.table)} settings tried)")
 
 
@@ -68,6 +72,7 @@ class CleanResult:
     candidates: Candidates | None
     timings: dict[str, float] = field(default_factory=dict)
     unrepaired_model: torch.nn.Module | None = None  # the same edit without the repair (for reporting)
+    protect: float | None = None  # the repair's null-space constraint on the target-class keys (chosen by CV)
 
 
 def _pick_target_from_trigger(model: torch.nn.Module, data: ImageSet, trigger: Trigger,
@@ -95,7 +100,8 @@ def _score(ca: float, ta: float, asr: float) -> float:
 def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, target: int,
                     preprocess: Preprocessor, groups: dict[str, list[str]], lams: tuple[float, ...], *,
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
-                    flip: bool) -> tuple[Selection, float, dict[str, GramStats]]:
+                    flip: bool, protects: tuple[float | None, ...] = (None,)
+                    ) -> tuple[Selection, float, dict[str, GramStats]]:
     """Leave-one-fold-out over (group, lam); statistics of a fold are subtracted from the total.
 
     Also returns the statistics over all of D, which the final edit reuses for its first layer.
@@ -112,7 +118,7 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
     trial = copy.deepcopy(model)
     table = []
     for group, layer_names in groups.items():
-        for lam in lams:
+        for lam, protect in ((lam, protect) for lam in lams for protect in protects):
             clean_pred = np.empty(len(data), np.int64)
             trig_pred = np.empty(len(data), np.int64)
             for fold in range(folds):
@@ -121,17 +127,18 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
                     continue
                 trial.load_state_dict(model.state_dict())
                 apply_edit(trial, {n: total[n] - stats[n][fold] for n in layer_names}, lam=lam, gamma=gamma,
-                           target_weight=target_weight)
+                           target_weight=target_weight, protect=protect)
                 clean_pred[held] = predict(trial, data.images[held], preprocess)
                 trig_pred[held] = predict(trial, triggered[held], preprocess)
             is_target = data.labels == target
             ca = float((clean_pred == data.labels).mean())
             ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
             asr = float((trig_pred[~is_target] == target).mean()) if (~is_target).any() else 0.0
-            table.append({"group": group, "lam": lam, "ca": ca, "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
-    best = max(table, key=lambda r: r["score"])  # first best wins: classifier before entry, small lam first
+            table.append({"group": group, "lam": lam, "protect": protect, "ca": ca, "ta": ta, "asr": asr,
+                          "score": _score(ca, ta, asr)})
+    best = max(table, key=lambda r: r["score"])  # first best wins: entry before classifier, small lam first
     selection = Selection(str(best["group"]), groups[str(best["group"])], float(best["lam"]), target_weight, folds,
-                          table)
+                          table, best["protect"])
     return selection, capture_seconds, total
 
 
@@ -139,7 +146,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
           repair: bool = True, lam: float | None = None, gamma: float = DEFAULT_GAMMA, layers: list[str] | None = None,
           seed: int = 0, augment_copies: int = DEFAULT_AUGMENT_COPIES, target_weight: float = DEFAULT_TARGET_WEIGHT,
           bn_stats: str = "keep", folds: int = 5, flip: bool = False, inversion_steps: int = 200,
-          lam_grid: tuple[float, ...] = DEFAULT_LAM_GRID, inplace: bool = False) -> CleanResult:
+          lam_grid: tuple[float, ...] = DEFAULT_LAM_GRID, inplace: bool = False,
+          protect_grid: tuple[float | None, ...] = DEFAULT_PROTECT_GRID) -> CleanResult:
     """Remove a backdoor from ``model`` using the handful of clean images ``data``.
 
     Args:
@@ -147,7 +155,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         data: the clean, unseen images used for editing (raw, with labels).
         trigger: the known trigger (BDK mode); ``None`` reconstructs a surrogate (no-BDK mode).
         target: the target class; ``None`` detects it (from the trigger, or by inversion of every class).
-        repair: weight the clean target-class images ``target_weight`` times in the preserve term.
+        repair: weight the clean target-class images ``target_weight`` times in the preserve term, and let the
+            cross-validation choose a null-space constraint on their keys from ``protect_grid`` (None = none).
         lam: ridge of the edit; ``None`` chooses it by cross-validation from ``lam_grid``.
         layers: module names or globs to edit; ``None`` chooses among the candidates by cross-validation.
         bn_stats: ``keep`` or ``recompute`` the BatchNorm running averages after the edited layers.
@@ -187,6 +196,7 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
             used = invert_trigger(original, data, target, steps=inversion_steps, seed=seed).trigger
         timings["inversion"] = time.perf_counter() - start
     weight = target_weight if repair else 1.0
+    protects = tuple(protect_grid) if repair else (None,)
 
     candidates = None
     sample = preprocess(data.images[:2])
@@ -204,12 +214,13 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         start = time.perf_counter()
         selection, cv_capture, captured = _cross_validate(original, data, used, target, preprocess, groups, grid, gamma=gamma,
                                                 target_weight=weight, copies=augment_copies, folds=folds, seed=seed,
-                                                flip=flip)
+                                                flip=flip, protects=protects)
         timings["selection"] = time.perf_counter() - start
         timings["selection_capture"] = cv_capture
-        chosen_layers, chosen_lam = selection.layers, selection.lam
+        chosen_layers, chosen_lam, chosen_protect = selection.layers, selection.lam, selection.protect
     else:
-        chosen_layers, chosen_lam = next(iter(groups.values())), float(lam)
+        # lam and layers given: no cross-validation, so the repair is the weight alone
+        chosen_layers, chosen_lam, chosen_protect = next(iter(groups.values())), float(lam), None
 
     # The final edit: shallow to deep; keys of each layer come through the layers already edited.
     timings["capture"] = timings["solve"] = timings["bn_stats"] = 0.0
@@ -225,7 +236,7 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         timings["capture"] += time.perf_counter() - start
         start = time.perf_counter()
         apply_edit(edited, {name: final_stats[name]}, lam=chosen_lam, gamma=gamma, target_weight=weight,
-                   original={name: w0[name]})
+                   original={name: w0[name]}, protect=chosen_protect)
         timings["solve"] += time.perf_counter() - start
         if bn_stats == "recompute":
             start = time.perf_counter()
@@ -235,14 +246,14 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
             timings["bn_stats"] += time.perf_counter() - start
     edited.eval()
     unrepaired = None
-    if weight != 1.0 and bn_stats == "keep":
+    if (weight != 1.0 or chosen_protect is not None) and bn_stats == "keep":
         # The same edit without the repair weight, for reporting TA with and without repair. Keys of a
         # later layer came through the repaired earlier ones: exact for one layer, close for several.
         unrepaired = copy.deepcopy(edited)
         apply_edit(unrepaired, final_stats, lam=chosen_lam, gamma=gamma, target_weight=1.0, original=w0)
     return CleanResult(edited, mode, used, trigger_kind, target, target_detected, detection, list(chosen_layers),
                        chosen_lam, gamma, weight, augment_copies, bn_stats, seed, len(data), selection, candidates,
-                       timings, unrepaired)
+                       timings, unrepaired, chosen_protect)
 
 
 def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:

@@ -206,8 +206,27 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
             entry = list(dict.fromkeys(n for n in entry if n != head))
             if entry:
                 groups["entry"] = entry
+        neck = _neck_layers(model, order, info[-1])
+        if neck:
+            groups["neck"] = neck
     groups["classifier"] = [classifier_name(model)]
     return Candidates(groups, boundary)
+
+
+def _neck_layers(model: torch.nn.Module, order: list[tuple[str, tuple[int, ...]]], last_stage: str) -> list[str]:
+    """The editable maps between the last stage's output and the classifier (e.g. timm's ``conv_head``).
+
+    MobileNetV3 pools the last stage and sends it through a 1x1 conv and a hard-swish before the classifier,
+    so the classifier reads a nonlinear transform and the last wide linear map of the network is that conv
+    (docs/METHOD.md, issue 13). ResNets, ConvNeXt and ViTs have none: their head is norm/pool + classifier.
+    """
+    positions = [i for i, (n, _) in enumerate(order) if n == last_stage or n.startswith(last_stage + ".")]
+    if not positions:
+        return []
+    head = classifier_name(model)
+    neck = [n for n, s in order[max(positions) + 1:]
+            if s and n != head and not n.startswith(last_stage + ".") and _is_editable(get_module(model, n))]
+    return list(dict.fromkeys(neck))
 
 
 def resolve_layers(model: torch.nn.Module, patterns: list[str]) -> list[str]:

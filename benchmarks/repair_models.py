@@ -9,7 +9,6 @@ import torch
 from agme_hub.attack import BackdoorConfig, train_backdoored
 from agme_hub.bench import ARCHS, TRIGGERS
 from agme_hub.constants import WEIGHTS_NAME
-from agme_hub.pipeline import DEMO_BACKDOOR
 
 ROOT = Path("/tmp/h13-models")
 
@@ -29,17 +28,18 @@ SETTINGS = {
 
 
 def model_dir(name: str) -> Path:
+    if name == "demo":  # the demo's own cached model (agme demo trains it once)
+        from agme_hub.pipeline import demo_model_dir
+
+        return demo_model_dir()
     folder = ROOT / name
     if (folder / WEIGHTS_NAME).is_file():
         return folder
-    if name == "demo":
-        config = BackdoorConfig(**DEMO_BACKDOOR)
-    else:
-        arch, trig, target = SETTINGS[name]
-        spec = ARCHS[arch]
-        config = BackdoorConfig(dataset="fashion-mnist", arch=spec.timm_name, trigger=TRIGGERS[trig], target=target,
-                                poison_rate=0.1, epochs=spec.epochs, seed=0, n_train=300, n_test=100, img_size=32,
-                                lr=spec.lr, model_args=dict(spec.model_args))
+    arch, trig, target = SETTINGS[name]
+    spec = ARCHS[arch]
+    config = BackdoorConfig(dataset="fashion-mnist", arch=spec.timm_name, trigger=TRIGGERS[trig], target=target,
+                            poison_rate=0.1, epochs=spec.epochs, seed=0, n_train=300, n_test=100, img_size=32,
+                            lr=spec.lr, model_args=dict(spec.model_args))
     result = train_backdoored(config, out_dir=folder, overwrite=True)
     print(name, result.metrics.as_dict(), flush=True)
     return folder

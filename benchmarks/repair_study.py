@@ -53,7 +53,7 @@ def logits_target_shift(model, name, target, delta):
         layer.module.bias[target] += delta
 
 
-def main(names):
+def main(names, *, force_layers=None, force_lam=None):
     torch.set_num_threads(1)
     test = load_images("fashion-mnist", split="test")
     for name in names:
@@ -72,8 +72,11 @@ def main(names):
         before = measure(model, held, pre, trigger=trig, target=target)
         res = clean(model, edit, trigger=trig, target=target)
         layers, lam = res.layers, res.lam
+        if force_layers:  # study a given group (keys captured together on the unedited model: independent layers)
+            layers = res.candidates.groups[force_layers]
+        lam = force_lam or lam
         print(f"\n## {name} (target {target}, {len(held)} held-out); natural confusion {floor:.1%}; "
-              f"engine chose {layers} lam {lam:g}", flush=True)
+              f"engine chose {res.layers} lam {res.lam:g}; studied {layers} lam {lam:g}", flush=True)
         print("| variant | CA | ASR | TA |\n|---|---|---|---|")
         print(f"| backdoored | {before.clean_accuracy:.1%} | {before.attack_success_rate:.1%} | {before.target_accuracy:.1%} |")
         stats = {n: s[0] for n, s in collect_stats(model, layers, augmented_pairs(edit.images, edit.labels, trig,
@@ -103,5 +106,40 @@ def main(names):
                 lambda w, s: solve_edit(w, s, lam=lam, gamma=1.0, target_weight=4.0), shift=shift)
 
 
+def engine_table(names):
+    """The engine end to end (its own cross-validation): before, no repair, w_t alone, w_t + null-space choice."""
+    torch.set_num_threads(1)
+    test = load_images("fashion-mnist", split="test")
+    print("| setting | natural confusion | before CA/ASR/TA | no repair | repair w_t=4 (old) | repair, CV may protect (new) | chosen |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        if name == "demo":
+            trig_spec, target = DEMO_BACKDOOR["trigger"], DEMO_BACKDOOR["target"]
+            edit, held = split_edit_eval(test, 10, seed=0)
+        else:
+            _, trig_key, target = SETTINGS[name]
+            trig_spec = TRIGGERS[trig_key]
+            edit, held = split_edit_eval(test, 10, seed=0, eval_per_class=100)
+        trig = parse_trigger(trig_spec)
+        model = load_model(model_dir(name))
+        pre = Preprocessor.from_model(model)
+        floor = float((predict(model, held.images[held.labels != target], pre) == target).mean())
+
+        def fmt(m):
+            return f"{m.clean_accuracy:.1%} / {m.attack_success_rate:.1%} / {m.target_accuracy:.1%}"
+
+        cells = [fmt(measure(model, held, pre, trigger=trig, target=target))]
+        for kwargs in (dict(repair=False), dict(protect_grid=(None,)), {}):
+            res = clean(model, edit, trigger=trig, target=target, **kwargs)
+            cells.append(fmt(measure(res.model, held, pre, trigger=trig, target=target)))
+        chosen = f"{'+'.join(res.layers)} lam {res.lam:g} protect {res.protect}"
+        print(f"| {name} | {floor:.1%} | " + " | ".join(cells) + f" | {chosen} |", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if "--engine" in sys.argv:
+        engine_table([a for a in sys.argv[1:] if not a.startswith("--")])
+        raise SystemExit
+    flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    main([a for a in sys.argv[1:] if not a.startswith("--")], force_layers=flags.get("group"),
+         force_lam=float(flags["lam"]) if "lam" in flags else None)
