@@ -4,8 +4,10 @@ An editable layer is a linear map ``y = W k + b``: a ``nn.Linear`` (keys are its
 per token for transformers) or a ``nn.Conv2d`` with ``groups == 1`` (keys are its unfolded input
 patches, ``C_in * kh * kw`` values at every output position). Anything else is refused by name.
 
-Candidates come from the model itself: the classifier, and the linear maps that read the whole
-representation at the entry of the last stage (found from timm's ``feature_info``).
+Candidates come from the model itself: the classifier, the linear maps that read the whole
+representation at the entry of the last stage (found from timm's ``feature_info``), and, where the network
+has them, the maps between the last stage and the classifier (the "neck", e.g. MobileNetV3's ``conv_head``)
+chained with the classifier.
 """
 
 from __future__ import annotations
@@ -207,8 +209,8 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
             if entry:
                 groups["entry"] = entry
         neck = _neck_layers(model, order, info[-1])
-        if neck:
-            groups["neck"] = neck
+        if neck:  # edited as a chain with the classifier: each alone leaves the backdoor (docs/METHOD.md)
+            groups["neck"] = neck + [classifier_name(model)]
     groups["classifier"] = [classifier_name(model)]
     return Candidates(groups, boundary)
 
@@ -217,8 +219,8 @@ def _neck_layers(model: torch.nn.Module, order: list[tuple[str, tuple[int, ...]]
     """The editable maps between the last stage's output and the classifier (e.g. timm's ``conv_head``).
 
     MobileNetV3 pools the last stage and sends it through a 1x1 conv and a hard-swish before the classifier,
-    so the classifier reads a nonlinear transform and the last wide linear map of the network is that conv
-    (docs/METHOD.md, issue 13). ResNets, ConvNeXt and ViTs have none: their head is norm/pool + classifier.
+    so the classifier reads a nonlinear transform of what that conv gives (docs/METHOD.md, issue 13).
+    ResNets, ConvNeXt and ViTs have none: their head is norm/pool + classifier.
     """
     positions = [i for i, (n, _) in enumerate(order) if n == last_stage or n.startswith(last_stage + ".")]
     if not positions:

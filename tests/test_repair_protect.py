@@ -69,7 +69,7 @@ def test_neck_candidates_are_the_maps_between_the_last_stage_and_the_classifier(
                                   model_args=model_args)
         return inspect_layers(model.eval()).groups
 
-    assert groups("mobilenetv3_small_100")["neck"] == ["conv_head"]
-    assert groups("efficientnet_b0")["neck"] == ["conv_head"]
+    assert groups("mobilenetv3_small_100")["neck"] == ["conv_head", "classifier"]
+    assert groups("efficientnet_b0")["neck"] == ["conv_head", "classifier"]
     assert "neck" not in groups("resnet10t", channels=[16, 32, 64, 128])
     assert "neck" not in groups("convnext_atto", dims=[24, 48, 96, 192], depths=[1, 1, 2, 1])
