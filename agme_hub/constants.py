@@ -11,7 +11,8 @@ from pathlib import Path
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
-    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "cache_dir", "is_debug", "is_true",
+    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "DEFAULT_PROTECT_GRID", "cache_dir",
+    "is_debug", "is_true",
 ]
 
 # Files of a timm-format folder and of agme's output folder.
@@ -31,6 +32,9 @@ DEFAULT_AUGMENT_COPIES = 9
 DEFAULT_TARGET_WEIGHT = 4.0  # repair: weight of the preserve term of clean target-class images
 DEFAULT_INVERSION_STEPS = 200  # Adam steps of trigger inversion (no-BDK)
 DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
+# Repair: fractions of the clean target-class keys' energy the update may not touch (null-space editing),
+# chosen by the cross-validation; None = the weight alone. Measured in docs/METHOD.md (issue 13).
+DEFAULT_PROTECT_GRID: tuple[float | None, ...] = (None, 0.9)
 
 
 def is_true(value: str | None) -> bool:

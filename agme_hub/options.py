@@ -19,7 +19,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, get_type_hints
 
 from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_FOLDS, DEFAULT_GAMMA, DEFAULT_INVERSION_STEPS,
-                        DEFAULT_LAM_GRID, DEFAULT_TARGET_WEIGHT)
+                        DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_TARGET_WEIGHT)
 from .errors import UsageError
 
 __all__ = ["MethodOptions", "CleanOptions", "option_help", "cli_flags"]
@@ -59,6 +59,9 @@ class MethodOptions:
     flip: bool = _opt(False, "Also mirror the augmented copies horizontally.", group="Method", flag=False)
     lam_grid: tuple[float, ...] = _opt(DEFAULT_LAM_GRID, "The lam values cross-validation tries when lam is not given.",
                                        group="Method", flag=False)
+    protect_grid: tuple[float | None, ...] = _opt(
+        DEFAULT_PROTECT_GRID, "Repair: the null-space constraints cross-validation tries (None: the weight alone).",
+        group="Method", flag=False)
 
     def __post_init__(self) -> None:
         # Python callers pass lists (layers=["fc"]); keep tuples so the options stay hashable and comparable.
@@ -85,6 +88,13 @@ class MethodOptions:
         _check_number("folds", self.folds, at_least=2, whole=True)
         for lam in self.lam_grid:
             _check_number("lam_grid", lam, above=0.0)
+        if not isinstance(self.protect_grid, (list, tuple)) or not self.protect_grid:
+            raise UsageError(f"protect_grid must be a non-empty list, got {self.protect_grid!r}")
+        object.__setattr__(self, "protect_grid", tuple(self.protect_grid))
+        for share in self.protect_grid:
+            if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                      or not 0.0 < share < 1.0):
+                raise UsageError(f"protect_grid values must be None or in (0, 1), got {share!r}")
 
     @classmethod
     def with_overrides(cls, base: MethodOptions | None = None, /, **overrides: Any) -> MethodOptions:

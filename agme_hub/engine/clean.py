@@ -76,6 +76,7 @@ class CleanResult:
     candidates: Candidates | None
     timings: Timings
     unrepaired_model: torch.nn.Module | None = None  # the same edit without the repair (for reporting)
+    protect: float | None = None  # the repair's null-space constraint on the target-class keys (chosen by CV)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +93,7 @@ class _TriggerChoice:
 class _LayerChoice:
     layers: list[str]
     lam: float
+    protect: float | None  # the repair's null-space constraint, chosen by the cross-validation (None: weight only)
     selection: Selection | None
     candidates: Candidates | None
     captured: dict[str, GramStats]  # statistics over all of D on the unedited model, from the cross-validation
@@ -140,7 +142,7 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
     final_stats, w0, final_seconds = _final_edit(edited, original, data, chosen, layers, method=method,
                                                  preprocess=preprocess, weight=weight)
     unrepaired = None
-    if weight != 1.0 and method.bn_stats == "keep":
+    if (weight != 1.0 or layers.protect is not None) and method.bn_stats == "keep":
         # The same edit without the repair weight, for reporting TA with and without repair. Keys of a
         # later layer came through the repaired earlier ones: exact for one layer, close for several.
         unrepaired = copy.deepcopy(edited)
@@ -156,7 +158,7 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
                        layers=list(layers.layers), lam=layers.lam, gamma=method.gamma, target_weight=weight,
                        augment_copies=method.augment_copies, bn_stats=method.bn_stats, seed=method.seed,
                        n_edit_images=len(data), selection=layers.selection, candidates=layers.candidates,
-                       timings=timings, unrepaired_model=unrepaired)
+                       timings=timings, unrepaired_model=unrepaired, protect=layers.protect)
 
 
 def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None, target: int | None, *,
@@ -196,7 +198,8 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
         candidates = find_candidates(model, preprocess(data.images[:2]))
         groups = candidates.groups
     if method.lam is not None and len(groups) == 1:
-        return _LayerChoice(layers=next(iter(groups.values())), lam=float(method.lam), selection=None,
+        # lam and layers given: no cross-validation, so the repair is the weight alone
+        return _LayerChoice(layers=next(iter(groups.values())), lam=float(method.lam), protect=None, selection=None,
                             candidates=candidates, captured={}, seconds=None, capture_seconds=None)
     if len(data) < method.folds:
         raise DataError(f"cross-validation needs at least {method.folds} edit images; pass --lam and --layers")
@@ -204,9 +207,10 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
     start = time.perf_counter()
     selection, capture_seconds, captured = _cross_validate(
         model, data, chosen.trigger, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
-        copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip)
-    return _LayerChoice(layers=selection.layers, lam=selection.lam, selection=selection, candidates=candidates,
-                        captured=captured, seconds=time.perf_counter() - start, capture_seconds=capture_seconds)
+        copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
+        protects=tuple(method.protect_grid) if method.repair else (None,))
+    return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
+                        candidates=candidates, captured=captured, seconds=time.perf_counter() - start, capture_seconds=capture_seconds)
 
 
 def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
@@ -231,7 +235,7 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
         seconds["capture"] += time.perf_counter() - start
         start = time.perf_counter()
         apply_edit(edited, {name: final_stats[name]}, lam=layers.lam, gamma=method.gamma, target_weight=weight,
-                   original={name: w0[name]})
+                   original={name: w0[name]}, protect=layers.protect)
         seconds["solve"] += time.perf_counter() - start
         if method.bn_stats == "recompute":
             start = time.perf_counter()

@@ -67,16 +67,45 @@ class GramStats:
 
 
 def solve_edit(w0: torch.Tensor, stats: GramStats, *, lam: float, gamma: float,
-               target_weight: float = 1.0) -> torch.Tensor:
-    """The closed-form ``W*`` in float64, by a linear solve (never an explicit inverse)."""
+               target_weight: float = 1.0, protect: float | None = None) -> torch.Tensor:
+    """The closed-form ``W*`` in float64, by a linear solve (never an explicit inverse).
+
+    ``protect`` (the repair's hard constraint, in (0, 1)): the update may not act on the key directions
+    that hold this fraction of the clean target-class keys' energy, so the target class keeps its outputs
+    there exactly (null-space editing); the edit is the best one in the remaining directions.
+    """
     cc = stats.cc + (target_weight - 1.0) * stats.cc_target
     a = cc + gamma * stats.tt
     ridge = lam * float(torch.diagonal(a).mean().clamp_min(1e-12))
     eye = torch.eye(a.shape[0], dtype=torch.float64)
     a = a + ridge * eye
+    if protect is not None:
+        return w0 + _protected_update(w0, stats, a, gamma=gamma, protect=protect)
     b = w0 @ (cc + gamma * stats.ct + ridge * eye)
     # W a = b with a symmetric  <=>  a W^T = b^T
     return torch.linalg.solve(a, b.T).T
+
+
+def _protected_update(w0: torch.Tensor, stats: GramStats, a: torch.Tensor, *, gamma: float,
+                      protect: float) -> torch.Tensor:
+    """``delta = Y V^T`` minimising the edit's objective, ``V`` spanning what the target keys leave free.
+
+    Unconstrained, ``delta a = gamma W0 (Ct - Tt)``; restricted to ``delta = Y V^T`` it is
+    ``Y (V^T a V) = gamma W0 (Ct - Tt) V``, a smaller symmetric solve.
+    """
+    energy, directions = torch.linalg.eigh(stats.cc_target)  # ascending
+    energy, directions = energy.flip(0).clamp_min(0.0), directions.flip(1)
+    total = float(energy.sum())
+    if total <= 0.0:  # no target-class image in D: nothing to protect
+        kept = 0
+    else:
+        kept = int((torch.cumsum(energy, 0) / total < protect).sum()) + 1
+    free = directions[:, kept:]
+    if free.shape[1] == 0:
+        return torch.zeros_like(w0)
+    rhs = gamma * w0 @ (stats.ct - stats.tt) @ free
+    y = torch.linalg.solve(free.T @ a @ free, rhs.T).T
+    return y @ free.T
 
 
 @dataclass
@@ -149,7 +178,8 @@ def collect_stats(model: torch.nn.Module, layer_names: list[str], pairs: Iterato
 
 
 def apply_edit(model: torch.nn.Module, stats: dict[str, GramStats], *, lam: float, gamma: float,
-               target_weight: float = 1.0, original: dict[str, torch.Tensor] | None = None) -> None:
+               target_weight: float = 1.0, original: dict[str, torch.Tensor] | None = None,
+               protect: float | None = None) -> None:
     """Rewrite each layer of ``stats`` in place with its closed-form solution.
 
     ``original`` holds the ``W0`` of each layer when the model's current weights are not the original.
@@ -157,7 +187,8 @@ def apply_edit(model: torch.nn.Module, stats: dict[str, GramStats], *, lam: floa
     for name, layer_stats in stats.items():
         layer: EditableLayer = editable_layer(model, name)
         w0 = original[name] if original is not None else layer.weight_matrix()
-        layer.set_weight_matrix(solve_edit(w0, layer_stats, lam=lam, gamma=gamma, target_weight=target_weight))
+        layer.set_weight_matrix(solve_edit(w0, layer_stats, lam=lam, gamma=gamma, target_weight=target_weight,
+                                           protect=protect))
 
 
 @torch.no_grad()

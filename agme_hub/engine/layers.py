@@ -4,9 +4,11 @@ An editable layer is a linear map ``y = W k + b``: a ``nn.Linear`` (keys are its
 per token for transformers) or a ``nn.Conv2d`` with ``groups == 1`` (keys are its unfolded input
 patches, ``C_in * kh * kw`` values at every output position). Anything else is refused by name.
 
-Candidates come from the model itself: the classifier, and the linear maps that read the whole
+Candidates come from the model itself: the classifier, the linear maps that read the whole
 representation at the entry of the last stage (found from timm's ``feature_info``, or for transformers and
-plain torch modules from a traced forward pass, see :mod:`agme_hub.engine.tracing`).
+plain torch modules from a traced forward pass, see :mod:`agme_hub.engine.tracing`), and, where the network
+has them, the maps between the last stage and the classifier (the "neck", e.g. MobileNetV3's ``conv_head``)
+chained with the classifier.
 """
 
 from __future__ import annotations
@@ -219,6 +221,9 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
             entry = list(dict.fromkeys(n for n in entry if n != head))
             if entry:
                 groups["entry"] = entry
+        neck = _neck_layers(model, order, info[-1], head)
+        if neck:  # edited as a chain with the classifier: each alone leaves the backdoor (docs/METHOD.md)
+            groups["neck"] = neck + [head]
     elif not hasattr(model, "feature_info"):  # no stages at all (layers in one nn.Sequential): the layer before the head
         order = _execution_order(model, sample, set())
         before = [n for n, _ in order if n != head and _is_editable(get_module(model, n))]
@@ -226,6 +231,22 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
             groups["entry"] = [before[-1]]
     groups["classifier"] = [head]
     return Candidates(groups, boundary)
+
+
+def _neck_layers(model: torch.nn.Module, order: list[tuple[str, tuple[int, ...]]], last_stage: str,
+                 head: str) -> list[str]:
+    """The editable maps between the last stage's output and the classifier (e.g. timm's ``conv_head``).
+
+    MobileNetV3 pools the last stage and sends it through a 1x1 conv and a hard-swish before the classifier,
+    so the classifier reads a nonlinear transform of what that conv gives (docs/METHOD.md, issue 13).
+    ResNets, ConvNeXt and ViTs have none: their head is norm/pool + classifier.
+    """
+    positions = [i for i, (n, _) in enumerate(order) if n == last_stage or n.startswith(last_stage + ".")]
+    if not positions:
+        return []
+    neck = [n for n, s in order[max(positions) + 1:]
+            if s and n != head and not n.startswith(last_stage + ".") and _is_editable(get_module(model, n))]
+    return list(dict.fromkeys(neck))
 
 
 def resolve_layers(model: torch.nn.Module, patterns: list[str]) -> list[str]:

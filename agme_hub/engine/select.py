@@ -30,12 +30,15 @@ class Selection:
     lam: float
     target_weight: float
     folds: int
-    table: list[dict[str, float | str]]  # one row per (group, lam): pooled held-out CA, TA, ASR, score
+    table: list[dict[str, float | str | None]]  # one row per (group, lam, protect): held-out CA, TA, ASR, score
+    protect: float | None = None  # the repair's null-space constraint (edit.solve_edit), None = the weight only
 
     def describe(self) -> str:
-        best = next(r for r in self.table if r["group"] == self.group and r["lam"] == self.lam)
+        best = next(r for r in self.table
+                    if r["group"] == self.group and r["lam"] == self.lam and r.get("protect") == self.protect)
+        protected = f", target keys protected to {self.protect:g} of their energy" if self.protect else ""
         return (f"{self.folds}-fold cross-validation on the edit images chose {self.group} "
-                f"({', '.join(self.layers)}) with lam={self.lam:g}: held-out CA {best['ca']:.1%}, "
+                f"({', '.join(self.layers)}) with lam={self.lam:g}{protected}: held-out CA {best['ca']:.1%}, "
                 f"TA {best['ta']:.1%}, ASR {best['asr']:.1%} ({len(self.table)} settings tried)")
 
 
@@ -57,8 +60,9 @@ def _score(ca: float, ta: float, asr: float) -> float:
 def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, target: int,
                     preprocess: Preprocessor, groups: dict[str, list[str]], lams: tuple[float, ...], *,
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
-                    flip: bool) -> tuple[Selection, float, dict[str, GramStats]]:
-    """Leave-one-fold-out over (group, lam); statistics of a fold are subtracted from the total.
+                    flip: bool, protects: tuple[float | None, ...] = (None,)
+                    ) -> tuple[Selection, float, dict[str, GramStats]]:
+    """Leave-one-fold-out over (group, lam, protect); statistics of a fold are subtracted from the total.
 
     Also returns the seconds spent capturing, and the statistics over all of D, which the final edit
     reuses for its first layer.
@@ -75,7 +79,7 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
     trial = copy.deepcopy(model)
     table = []
     for group, layer_names in groups.items():
-        for lam in lams:
+        for lam, protect in ((lam, protect) for lam in lams for protect in protects):
             clean_pred = np.empty(len(data), np.int64)
             trig_pred = np.empty(len(data), np.int64)
             for fold in range(folds):
@@ -84,15 +88,16 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
                     continue
                 trial.load_state_dict(model.state_dict())
                 apply_edit(trial, {n: total[n] - stats[n][fold] for n in layer_names}, lam=lam, gamma=gamma,
-                           target_weight=target_weight)
+                           target_weight=target_weight, protect=protect)
                 clean_pred[held] = predict(trial, data.images[held], preprocess)
                 trig_pred[held] = predict(trial, triggered[held], preprocess)
             is_target = data.labels == target
             ca = float((clean_pred == data.labels).mean())
             ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
             asr = float((trig_pred[~is_target] == target).mean()) if (~is_target).any() else 0.0
-            table.append({"group": group, "lam": lam, "ca": ca, "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
-    best = max(table, key=lambda r: r["score"])  # first best wins: classifier before entry, small lam first
+            table.append({"group": group, "lam": lam, "protect": protect, "ca": ca, "ta": ta, "asr": asr,
+                          "score": _score(ca, ta, asr)})
+    best = max(table, key=lambda r: r["score"])  # first best wins: entry before neck and classifier, small lam first
     selection = Selection(group=str(best["group"]), layers=groups[str(best["group"])], lam=float(best["lam"]),
-                          target_weight=target_weight, folds=folds, table=table)
+                          target_weight=target_weight, folds=folds, table=table, protect=best["protect"])
     return selection, capture_seconds, total
