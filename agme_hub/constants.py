@@ -33,8 +33,10 @@ DEFAULT_TARGET_WEIGHT = 4.0  # repair: weight of the preserve term of clean targ
 DEFAULT_INVERSION_STEPS = 200  # Adam steps of trigger inversion (no-BDK)
 DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
 # Repair: fractions of the clean target-class keys' energy the update may not touch (null-space editing),
-# chosen by the cross-validation; None = the weight alone. Measured in docs/METHOD.md (issue 13).
-DEFAULT_PROTECT_GRID: tuple[float | None, ...] = (None, 0.9)
+# offered to the cross-validation; None = the weight alone. Off by default: it doubles the cross-validation's
+# solves (with an eigendecomposition each) and moved no headline cell (docs/METHOD.md, issue 13); pass
+# protect_grid=(None, 0.9) to clean() to let the cross-validation choose it.
+DEFAULT_PROTECT_GRID: tuple[float | None, ...] = (None,)
 
 
 def is_true(value: str | None) -> bool:

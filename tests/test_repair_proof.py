@@ -25,7 +25,7 @@ def test_repair_keeps_the_target_class(backdoored, split):
     trigger = "badnets-white-br"
     model = backdoored(trigger).model
     edit, held = split
-    result = clean(model, edit, trigger=trigger, target=TEST_TARGET, seed=0)
+    result = clean(model, edit, trigger=trigger, target=TEST_TARGET, seed=0, protect_grid=(None, 0.9))
     assert result.unrepaired_model is not None
     before = evaluate(model, held, trigger, TEST_TARGET)
     repaired = evaluate(result.model, held, trigger, TEST_TARGET)
