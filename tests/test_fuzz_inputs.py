@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from agme_hub import errors
+from tests.helpers import save_tiny_model, write_three_class_npz
 from agme_hub.constants import CONFIG_NAME, WEIGHTS_NAME
 from cli import app
 
@@ -46,26 +46,12 @@ def assert_mapped(result, case: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    import timm
-
-    from agme_hub.hub.checkpoint import save_model
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=3, in_chans=1).eval()
-    return save_model(model, tmp_path_factory.mktemp("models") / "tiny", label_names=["a", "b", "c"],
-                      pretrained_cfg={"input_size": (1, 32, 32)}, model_args={"in_chans": 1})
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")
 def data3(tmp_path_factory) -> Path:
-    from agme_hub.data import balanced_indices, load_images
-
-    data = load_images("fashion-mnist")
-    keep = balanced_indices(data.labels, 4, seed=1)
-    keep = keep[data.labels[keep] < 3]
-    path = tmp_path_factory.mktemp("data") / "d3.npz"
-    np.savez(path, x=data.images[keep], y=data.labels[keep])
-    return path
+    return write_three_class_npz(tmp_path_factory.mktemp("data") / "d3.npz", per_class=4)
 
 
 def random_bytes(rng: random.Random, size: int | None = None) -> bytes:

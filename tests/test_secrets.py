@@ -12,12 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from agme_hub import errors
+from tests.helpers import save_tiny_model, write_three_class_npz
 from cli import app
 from tests.fixtures_hub import read_folder
 from tests.misbehaving_servers import EchoAuthServer, point_hub_at
@@ -38,26 +37,12 @@ def files_text(folder: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    import timm
-
-    from agme_hub.hub.checkpoint import save_model
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=3, in_chans=1).eval()
-    return save_model(model, tmp_path_factory.mktemp("models") / "tiny", label_names=["a", "b", "c"],
-                      pretrained_cfg={"input_size": (1, 32, 32)}, model_args={"in_chans": 1})
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")
 def data3(tmp_path_factory) -> Path:
-    from agme_hub.data import balanced_indices, load_images
-
-    data = load_images("fashion-mnist")
-    keep = balanced_indices(data.labels, 20, seed=1)
-    keep = keep[data.labels[keep] < 3]
-    path = tmp_path_factory.mktemp("data") / "d3.npz"
-    np.savez(path, x=data.images[keep], y=data.labels[keep])
-    return path
+    return write_three_class_npz(tmp_path_factory.mktemp("data") / "d3.npz", per_class=20)
 
 
 def use_token(how: str, hub_env, monkeypatch) -> list[str]:

@@ -86,7 +86,7 @@ def _quiet_transformers() -> Iterator[ModuleType]:
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or not UTF-8 (checked elsewhere)
         return None
     return value if isinstance(value, dict) else None
 
