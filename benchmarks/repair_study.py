@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import sys
 
-import numpy as np
 import torch
 
 from agme_hub.hub.checkpoint import load_model
@@ -53,20 +52,24 @@ def logits_target_shift(model, name, target, delta):
         layer.module.bias[target] += delta
 
 
+def _setting(name, test):
+    """(trigger, target, D, held-out images, backdoored model, its preprocessing) of one study setting."""
+    if name == "demo":
+        trig_spec, target = DEMO_BACKDOOR["trigger"], DEMO_BACKDOOR["target"]
+        edit, held = split_edit_eval(test, 10, seed=0)
+    else:
+        _, trig_key, target = SETTINGS[name]
+        trig_spec = TRIGGERS[trig_key]
+        edit, held = split_edit_eval(test, 10, seed=0, eval_per_class=100)
+    model = load_model(model_dir(name))
+    return parse_trigger(trig_spec), target, edit, held, model, Preprocessor.from_model(model)
+
+
 def main(names, *, force_layers=None, force_lam=None):
     torch.set_num_threads(1)
     test = load_images("fashion-mnist", split="test")
     for name in names:
-        if name == "demo":
-            trig_spec, target = DEMO_BACKDOOR["trigger"], DEMO_BACKDOOR["target"]
-            edit, held = split_edit_eval(test, 10, seed=0)
-        else:
-            _, trig_key, target = SETTINGS[name]
-            trig_spec = TRIGGERS[trig_key]
-            edit, held = split_edit_eval(test, 10, seed=0, eval_per_class=100)
-        trig = parse_trigger(trig_spec)
-        model = load_model(model_dir(name))
-        pre = Preprocessor.from_model(model)
+        trig, target, edit, held, model, pre = _setting(name, test)
         nt = held.labels != target
         floor = float((predict(model, held.images[nt], pre) == target).mean())
         before = measure(model, held, pre, trigger=trig, target=target)
@@ -83,7 +86,6 @@ def main(names, *, force_layers=None, force_lam=None):
                                                                                   copies=9, seed=0), pre,
                                                    target=target).items()}
         w0 = {n: editable_layer(model, n).weight_matrix() for n in layers}
-        head = [n for n in layers if n == res.candidates.groups["classifier"][0]] if res.candidates else []
 
         def run(label, solver, shift=0.0):
             trial = copy.deepcopy(model)
@@ -113,23 +115,14 @@ def engine_table(names):
     print("| setting | natural confusion | before CA/ASR/TA | no repair | repair w_t=4 (old) | repair, CV may protect (new) | chosen |")
     print("|---|---|---|---|---|---|---|")
     for name in names:
-        if name == "demo":
-            trig_spec, target = DEMO_BACKDOOR["trigger"], DEMO_BACKDOOR["target"]
-            edit, held = split_edit_eval(test, 10, seed=0)
-        else:
-            _, trig_key, target = SETTINGS[name]
-            trig_spec = TRIGGERS[trig_key]
-            edit, held = split_edit_eval(test, 10, seed=0, eval_per_class=100)
-        trig = parse_trigger(trig_spec)
-        model = load_model(model_dir(name))
-        pre = Preprocessor.from_model(model)
+        trig, target, edit, held, model, pre = _setting(name, test)
         floor = float((predict(model, held.images[held.labels != target], pre) == target).mean())
 
         def fmt(m):
             return f"{m.clean_accuracy:.1%} / {m.attack_success_rate:.1%} / {m.target_accuracy:.1%}"
 
         cells = [fmt(measure(model, held, pre, trigger=trig, target=target))]
-        for kwargs in (dict(repair=False), dict(protect_grid=(None,)), {}):
+        for kwargs in (dict(repair=False), dict(protect_grid=(None,)), dict(protect_grid=(None, 0.9))):
             res = clean(model, edit, trigger=trig, target=target, **kwargs)
             cells.append(fmt(measure(res.model, held, pre, trigger=trig, target=target)))
         chosen = f"{'+'.join(res.layers)} lam {res.lam:g} protect {res.protect}"
