@@ -26,7 +26,8 @@ from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompu
 from .inversion import TargetDetection, detect_target, invert_trigger
 from .layers import Candidates, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, predict
-from .select import Selection, _cross_validate
+from .replay import reads_from
+from .select import CachedBoundary, Selection, _cross_validate
 
 __all__ = ["clean", "evaluate", "CleanResult", "Selection", "Timings", "inspect_layers"]
 
@@ -97,13 +98,14 @@ class _LayerChoice:
     selection: Selection | None
     candidates: Candidates | None
     captured: dict[str, GramStats]  # statistics over all of D on the unedited model, from the cross-validation
+    boundary: CachedBoundary | None  # the chosen group's boundary outputs on every augmented copy, when kept
     seconds: float | None
     capture_seconds: float | None
 
 
 def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | None = None, target: int | None = None,
           method: MethodOptions | None = None, inplace: bool = False, preprocess: Preprocessor | None = None,
-          **overrides: Any) -> CleanResult:
+          replay: bool = True, **overrides: Any) -> CleanResult:
     """Remove a backdoor from ``model`` using the handful of clean images ``data``.
 
     Args:
@@ -117,6 +119,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         inplace: edit ``model`` itself instead of a copy.
         preprocess: how raw images become the model's input; needed for modules that carry none (timm models
             and models from ``agme_hub.load`` carry their own).
+        replay: run only the layers after a verified boundary when the edit cannot change what comes before
+            (:mod:`.replay`); ``False`` runs the whole network every time (the reference it is tested against).
         **overrides: knobs of :class:`MethodOptions` by name, applied over ``method``
             (``clean(model, data, trigger=..., lam=0.1, layers=["fc"])``); an unknown name is a UsageError.
 
@@ -138,9 +142,9 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
     weight = method.target_weight if method.repair else 1.0
 
     chosen = _choose_trigger(original, data, trigger, target, method=method, preprocess=preprocess)
-    layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight)
+    layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight, replay=replay)
     final_stats, w0, final_seconds = _final_edit(edited, original, data, chosen, layers, method=method,
-                                                 preprocess=preprocess, weight=weight)
+                                                 preprocess=preprocess, weight=weight, replay=replay)
     unrepaired = None
     if (weight != 1.0 or layers.protect is not None) and method.bn_stats == "keep":
         # The same edit without the repair weight, for reporting TA with and without repair. Keys of a
@@ -189,7 +193,7 @@ def _pick_target_from_trigger(model: torch.nn.Module, data: ImageSet, trigger: T
 
 
 def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice, *, method: MethodOptions,
-                   preprocess: Preprocessor, weight: float) -> _LayerChoice:
+                   preprocess: Preprocessor, weight: float, replay: bool = True) -> _LayerChoice:
     """The layers and lam to edit with: given, or chosen by cross-validation on D."""
     candidates = None
     if method.layers:
@@ -200,23 +204,29 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
     if method.lam is not None and len(groups) == 1:
         # lam and layers given: no cross-validation, so the repair is the weight alone
         return _LayerChoice(layers=next(iter(groups.values())), lam=float(method.lam), protect=None, selection=None,
-                            candidates=candidates, captured={}, seconds=None, capture_seconds=None)
+                            candidates=candidates, captured={}, boundary=None, seconds=None, capture_seconds=None)
     if len(data) < method.folds:
         raise DataError(f"cross-validation needs at least {method.folds} edit images; pass --lam and --layers")
     grid = (method.lam,) if method.lam is not None else method.lam_grid
     start = time.perf_counter()
-    selection, capture_seconds, captured = _cross_validate(
+    selection, capture_seconds, captured, boundaries = _cross_validate(
         model, data, chosen.trigger, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
-        protects=tuple(method.protect_grid) if method.repair else (None,))
+        protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay)
     return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
-                        candidates=candidates, captured=captured, seconds=time.perf_counter() - start, capture_seconds=capture_seconds)
+                        candidates=candidates, captured=captured, boundary=boundaries.get(selection.group),
+                        seconds=time.perf_counter() - start, capture_seconds=capture_seconds)
 
 
 def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
-                layers: _LayerChoice, *, method: MethodOptions, preprocess: Preprocessor, weight: float
-                ) -> tuple[dict[str, GramStats], dict[str, torch.Tensor], dict[str, float]]:
+                layers: _LayerChoice, *, method: MethodOptions, preprocess: Preprocessor, weight: float,
+                replay: bool = True) -> tuple[dict[str, GramStats], dict[str, torch.Tensor], dict[str, float]]:
     """Edit the chosen layers of ``edited`` shallow to deep; keys of each layer come through those already edited.
+
+    A later layer whose input no earlier edit reaches (a shortcut's conv beside the block's first conv) keeps
+    the cross-validation's statistics; one that an earlier edit reaches is captured again, from the cached
+    boundary outputs when the cross-validation kept them for every augmented copy. Both only with the
+    BatchNorm averages kept (re-estimated averages change what later layers receive).
 
     Returns each layer's statistics, its original weight matrix, and the seconds of capture, solve and bn_stats.
     """
@@ -226,12 +236,17 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
     final_stats: dict[str, GramStats] = {}
     for position, name in enumerate(layers.layers):
         start = time.perf_counter()
+        shortcut = replay and method.bn_stats == "keep"
         if position == 0 and name in layers.captured:  # nothing upstream is edited yet: the CV's keys are these keys
+            final_stats[name] = layers.captured[name]
+        elif shortcut and name in layers.captured and not reads_from(edited, name, layers.layers[:position],
+                                                                     preprocess(data.images[:1])):
             final_stats[name] = layers.captured[name]
         else:
             pairs = augmented_pairs(data.images, data.labels, used, copies=method.augment_copies, seed=method.seed,
                                     flip=method.flip)
-            final_stats[name] = collect_stats(edited, [name], pairs, preprocess, target=chosen.target)[name][0]
+            final_stats[name] = _capture_one(edited, name, pairs, preprocess, chosen.target,
+                                             layers.boundary if shortcut else None)
         seconds["capture"] += time.perf_counter() - start
         start = time.perf_counter()
         apply_edit(edited, {name: final_stats[name]}, lam=layers.lam, gamma=method.gamma, target_weight=weight,
@@ -245,6 +260,16 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
             seconds["bn_stats"] += time.perf_counter() - start
     edited.eval()
     return final_stats, w0, seconds
+
+
+def _capture_one(model: torch.nn.Module, name: str, pairs: Any, preprocess: Preprocessor, target: int,
+                 boundary: CachedBoundary | None) -> GramStats:
+    """One layer's statistics over the augmented pairs, run from the cached boundary outputs when there are any."""
+    if boundary is None:
+        return collect_stats(model, [name], pairs, preprocess, target=target)[name][0]
+    with boundary.plan.installed(model) as run:
+        return collect_stats(model, [name], pairs, preprocess, target=target,
+                             run=lambda batch: run(boundary.rows(batch)))[name][0]
 
 
 def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:

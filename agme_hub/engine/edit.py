@@ -14,13 +14,13 @@ that cross-validation can leave one fold out by subtraction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .capture import capture_activations
+from .capture import StopForward, capture_activations
 from ..data import Preprocessor
 from ..triggers import Trigger
 from .layers import EditableLayer, editable_layer
@@ -116,6 +116,7 @@ class PairBatch:
     triggered: np.ndarray
     labels: np.ndarray
     source: np.ndarray
+    copy: int = 0  # 0: D itself; 1..copies: an augmented copy
 
 
 def _augment(images: np.ndarray, rng: np.random.Generator, *, shift: int, flip: bool, noise: float) -> np.ndarray:
@@ -143,26 +144,38 @@ def augmented_pairs(images: np.ndarray, labels: np.ndarray, trigger: Trigger, *,
         for start in range(0, len(images), batch_size):
             clean = batch_images[start:start + batch_size]
             idx = np.arange(start, start + len(clean))
-            yield PairBatch(clean, trigger.apply(clean), labels[idx], idx)
+            yield PairBatch(clean, trigger.apply(clean), labels[idx], idx, copy)
 
 
 @torch.inference_mode()
 def collect_stats(model: torch.nn.Module, layer_names: list[str], pairs: Iterator[PairBatch],
                   preprocess: Preprocessor, *, target: int | None = None,
-                  folds: np.ndarray | None = None, num_folds: int = 1) -> dict[str, list[GramStats]]:
+                  folds: np.ndarray | None = None, num_folds: int = 1,
+                  run: Callable[[PairBatch], object] | None = None) -> dict[str, list[GramStats]]:
     """One pass over the pairs: per layer and per fold, the Gram statistics of the edit.
 
     Args:
         target: the target class, whose clean rows are also kept apart (for the repair).
         folds: fold index of every source image (cross-validation); ``None`` = one fold.
+        run: how a batch (clean rows first, then triggered) goes through ``model``; default: the whole
+            network on the preprocessed images. The engine passes a replay from cached activations
+            (:mod:`.replay`) or a pass that also keeps them.
     """
     model.eval()
     layers = [editable_layer(model, n) for n in layer_names]
     stats = {layer.name: [GramStats.zeros(layer.key_dim) for _ in range(num_folds)] for layer in layers}
+    if run is None:
+        def run(batch: PairBatch) -> object:
+            return model(torch.cat([preprocess(batch.clean), preprocess(batch.triggered)]))
+
     with capture_activations(model, layer_names, stop=True) as trace:
         for batch in pairs:
             n = len(batch.labels)
-            trace.run(torch.cat([preprocess(batch.clean), preprocess(batch.triggered)]))
+            trace.reset()
+            try:
+                run(batch)
+            except StopForward:  # every traced layer has run
+                pass
             is_target = torch.as_tensor(batch.labels == target) if target is not None else torch.zeros(n, dtype=torch.bool)
             fold_of = folds[batch.source] if folds is not None else np.zeros(n, np.int64)
             for layer in layers:

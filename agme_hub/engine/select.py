@@ -1,7 +1,10 @@
 """Choosing layers and lam by k-fold cross-validation on the edit images themselves (never on test data).
 
 Every (layer group, lam) is scored on the held-out fold after an edit built from the other folds; the
-Gram statistics of a fold are subtracted from the total, so the activations are captured once.
+Gram statistics of a fold are subtracted from the total, so the activations are captured once, for every
+candidate layer in the same pass. That pass also keeps, per group, the output of a boundary module before
+the group's first layer (:mod:`.replay`), so that each fold and setting runs only the part of the network
+the edit can change.
 """
 
 from __future__ import annotations
@@ -15,10 +18,31 @@ import torch
 
 from ..data import ImageSet, Preprocessor
 from ..triggers import Trigger
-from .edit import GramStats, apply_edit, augmented_pairs, collect_stats
+from .capture import capture_activations
+from .classifier import logits_of
+from .edit import GramStats, PairBatch, apply_edit, augmented_pairs, collect_stats
 from .metrics import predict
+from .replay import Replay, plan_replay
 
-__all__ = ["Selection"]
+__all__ = ["Selection", "CachedBoundary"]
+
+# The boundary outputs of every augmented copy are also kept (for the final edit's later layers) when they
+# fit in this many bytes; above it only those of D itself (for the cross-validation's predictions).
+KEEP_COPIES_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class CachedBoundary:
+    """A group's replay plan and its boundary's outputs: per augmented copy (0 = D), one row per image of D."""
+
+    plan: Replay
+    clean: list[torch.Tensor]
+    triggered: list[torch.Tensor]
+
+    def rows(self, batch: PairBatch) -> torch.Tensor:
+        """The boundary outputs of a batch of pairs: its clean rows, then its triggered rows."""
+        index = torch.as_tensor(batch.source)
+        return torch.cat([self.clean[batch.copy][index], self.triggered[batch.copy][index]])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,25 +84,51 @@ def _score(ca: float, ta: float, asr: float) -> float:
 def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, target: int,
                     preprocess: Preprocessor, groups: dict[str, list[str]], lams: tuple[float, ...], *,
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
-                    flip: bool, protects: tuple[float | None, ...] = (None,)
-                    ) -> tuple[Selection, float, dict[str, GramStats]]:
+                    flip: bool, protects: tuple[float | None, ...] = (None,), replay: bool = True
+                    ) -> tuple[Selection, float, dict[str, GramStats], dict[str, CachedBoundary]]:
     """Leave-one-fold-out over (group, lam, protect); statistics of a fold are subtracted from the total.
 
-    Also returns the seconds spent capturing, and the statistics over all of D, which the final edit
-    reuses for its first layer.
+    Also returns the seconds spent capturing, the statistics over all of D, which the final edit reuses,
+    and per group the cached boundary outputs of every augmented copy when they were kept (see
+    :data:`KEEP_COPIES_BYTES`). ``replay=False`` runs the whole network for every prediction (the reference).
     """
     fold_of = _stratified_folds(data.labels, folds, seed)
-    names = [n for group in groups.values() for n in group]
+    names = list(dict.fromkeys(n for group in groups.values() for n in group))
+    triggered = trigger.apply(data.images)
     start = time.perf_counter()
-    stats = collect_stats(model, names, augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed,
-                                                        flip=flip),
-                          preprocess, target=target, folds=fold_of, num_folds=folds)
+    plans: dict[str, Replay] = {}
+    if replay:
+        sample = preprocess(np.concatenate([data.images[:2], triggered[:2]]))
+        plans = {g: p for g, layer_names in groups.items() if (p := plan_replay(model, layer_names, sample)) is not None}
+    boundaries = list(dict.fromkeys(p.boundary for p in plans.values()))
+    per_copy = 2 * len(data) * sum(p.bytes_per_image() for p in {p.boundary: p for p in plans.values()}.values())
+    keep_copies = copies + 1 if per_copy * (copies + 1) <= KEEP_COPIES_BYTES else 1
+    # per boundary and kept copy: the (clean rows, triggered rows) of every batch, in the order of D
+    kept: dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {b: [[] for _ in range(keep_copies)]
+                                                                      for b in boundaries}
+    with capture_activations(model, boundaries, retain_input=False, retain_output=True) as keep:
+        def run(batch: PairBatch) -> object:
+            try:
+                return model(torch.cat([preprocess(batch.clean), preprocess(batch.triggered)]))
+            finally:  # every boundary precedes the layers whose capture ends the pass early
+                if batch.copy < keep_copies:
+                    n = len(batch.labels)
+                    for b in boundaries:
+                        out = keep[b].output
+                        kept[b][batch.copy].append((out[:n], out[n:]))
+
+        stats = collect_stats(model, names, augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed,
+                                                            flip=flip),
+                              preprocess, target=target, folds=fold_of, num_folds=folds, run=run)
+    cached = {group: CachedBoundary(plan, [torch.cat([c for c, _ in batches]) for batches in kept[plan.boundary]],
+                                    [torch.cat([t for _, t in batches]) for batches in kept[plan.boundary]])
+              for group, plan in plans.items()}
     capture_seconds = time.perf_counter() - start
     total = {n: sum(s[1:], s[0]) for n, s in stats.items()}
-    triggered = trigger.apply(data.images)
     trial = copy.deepcopy(model)
     table = []
     for group, layer_names in groups.items():
+        boundary = cached.get(group)
         for lam, protect in ((lam, protect) for lam in lams for protect in protects):
             clean_pred = np.empty(len(data), np.int64)
             trig_pred = np.empty(len(data), np.int64)
@@ -89,8 +139,12 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
                 trial.load_state_dict(model.state_dict())
                 apply_edit(trial, {n: total[n] - stats[n][fold] for n in layer_names}, lam=lam, gamma=gamma,
                            target_weight=target_weight, protect=protect)
-                clean_pred[held] = predict(trial, data.images[held], preprocess)
-                trig_pred[held] = predict(trial, triggered[held], preprocess)
+                if boundary is not None:
+                    clean_pred[held] = _predict_replayed(trial, boundary.plan, boundary.clean[0][held])
+                    trig_pred[held] = _predict_replayed(trial, boundary.plan, boundary.triggered[0][held])
+                else:
+                    clean_pred[held] = predict(trial, data.images[held], preprocess)
+                    trig_pred[held] = predict(trial, triggered[held], preprocess)
             is_target = data.labels == target
             ca = float((clean_pred == data.labels).mean())
             ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
@@ -100,4 +154,16 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
     best = max(table, key=lambda r: r["score"])  # first best wins: entry before neck and classifier, small lam first
     selection = Selection(group=str(best["group"]), layers=groups[str(best["group"])], lam=float(best["lam"]),
                           target_weight=target_weight, folds=folds, table=table, protect=best["protect"])
-    return selection, capture_seconds, total
+    full = {g: c for g, c in cached.items() if len(c.clean) == copies + 1}
+    return selection, capture_seconds, total, full
+
+
+@torch.inference_mode()
+def _predict_replayed(model: torch.nn.Module, plan: Replay, cached: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Predicted classes from the boundary outputs ``cached``: only the layers after the boundary run."""
+    model.eval()
+    out = []
+    with plan.installed(model) as run:
+        for start in range(0, len(cached), batch_size):
+            out.append(logits_of(run(cached[start:start + batch_size])).argmax(1).cpu().numpy())
+    return np.concatenate(out) if out else np.array([], np.int64)
