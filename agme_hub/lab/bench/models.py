@@ -15,6 +15,7 @@ import torch
 from ...hub.checkpoint import load_model
 from ...triggers import Trigger, parse_trigger
 from ..backdoor import BACKDOOR_NAME, BackdoorConfig, cached_backdoored
+from ..pretrained import cached_pretrained_backdoored
 from .grid import TRIGGERS, BenchConfig, arch_spec
 
 __all__ = ["resolve_trigger", "backdoored_model"]
@@ -64,8 +65,12 @@ def backdoored_model(cache: Path, dataset: str, arch: str, trigger_name: str, tr
     spec = arch_spec(arch)
     bd = BackdoorConfig(dataset=dataset, arch=spec.timm_name, trigger=trigger_spec, target=config.target,
                         poison_rate=config.poison_rate, epochs=config.epochs or spec.epochs, seed=seed,
-                        n_train=config.n_train, n_test=100, img_size=config.img_size, lr=spec.lr,
+                        n_train=config.n_train, n_test=100, img_size=spec.img_size or config.img_size, lr=spec.lr,
                         model_args=dict(spec.model_args))
+    if spec.pretrained:
+        folder = cached_pretrained_backdoored(bd, cache=cache)
+        info = json.loads((folder / BACKDOOR_NAME).read_text())
+        return load_model(folder), {"model_dir": str(folder), "train_seconds": info.get("train_seconds")}
     # Keyed by what the trigger does rather than its spec, which names files that differ between runs.
     fingerprint = _trigger_fingerprint(parse_trigger(trigger_spec), shape)
     key = {**asdict(bd), "trigger": fingerprint, "bench_model_version": 1}

@@ -1,0 +1,83 @@
+"""Replaying only the layers after a boundary (engine/replay.py) gives what the whole network gives.
+
+The fast path (cached boundary outputs, statistics of untouched layers reused) must leave the
+cross-validation's table and the final edit as the slow path makes them, on a really backdoored model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agme_hub.data import Preprocessor, split_edit_eval
+from agme_hub.engine import clean
+from agme_hub.engine.layers import find_candidates
+from agme_hub.engine.replay import plan_replay, reads_from
+from agme_hub.lab.backdoor import create_classifier
+from tests.conftest import TEST_TARGET
+
+TRIGGER = "badnets-white-br"
+
+
+@pytest.fixture(scope="module")
+def resnet(backdoored):
+    return backdoored(TRIGGER).model
+
+
+@pytest.mark.parametrize("arch,size", [("resnet10t", 32), ("mobilenetv3_small_100", 32), ("convnext_atto", 32),
+                                       ("vit_tiny_patch16_224", 32)])
+def test_replay_from_the_boundary_gives_the_full_logits(arch, size, fmnist_test, resnet):
+    """Every candidate group of four families: the boundary's cached output replays the model's logits."""
+    torch.manual_seed(0)
+    model = resnet if arch == "resnet10t" else create_classifier(
+        arch, num_classes=10, in_chans=1, img_size=size, mean=(0.5,), std=(0.5,),
+        model_args={"patch_size": 4} if arch.startswith("vit") else None).eval()
+    preprocess = Preprocessor.from_model(model)
+    sample, others = preprocess(fmnist_test.images[:4]), preprocess(fmnist_test.images[4:20])
+    groups = find_candidates(model, sample).groups
+    for group, layers in groups.items():
+        plan = plan_replay(model, layers, sample)
+        assert plan is not None, (arch, group)
+        with torch.inference_mode():
+            from agme_hub.engine.capture import capture_activations
+
+            with capture_activations(model, [plan.boundary], retain_input=False, retain_output=True) as trace:
+                full = trace.run(others)
+            with plan.installed(model) as run:
+                replayed = run(trace[plan.boundary].output)
+        torch.testing.assert_close(replayed, full, rtol=1e-4, atol=1e-5)
+    # the module is itself again afterwards
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_shortcut_reads_the_block_input_not_its_first_conv(resnet, fmnist_test):
+    """The boundary of layer4.0's convs is layer3 (the shortcut reads it), and the shortcut's conv does not
+    depend on conv1 while conv2 does."""
+    sample = Preprocessor.from_model(resnet)(fmnist_test.images[:4])
+    plan = plan_replay(resnet, ["layer4.0.conv2"], sample)
+    assert plan is not None and plan.boundary == "layer3"
+    assert not reads_from(resnet, "layer4.0.downsample.1", ["layer4.0.conv1"], sample[:1])
+    assert reads_from(resnet, "layer4.0.conv2", ["layer4.0.conv1"], sample[:1])
+    assert reads_from(resnet, "fc", ["layer4.0.conv2"], sample[:1])
+
+
+@pytest.mark.parametrize("layers", [None, ["layer4.0.conv1", "layer4.0.downsample.1"],
+                                    ["layer4.0.conv1", "layer4.0.conv2"]])
+def test_clean_is_unchanged_by_replay(resnet, fmnist_test, layers):
+    """Chosen groups, a shortcut beside conv1 (statistics reused) and a chain (re-captured from the cache)."""
+    data, _ = split_edit_eval(fmnist_test, 5, seed=0)
+    runs = [clean(resnet, data, trigger=TRIGGER, target=TEST_TARGET, seed=0, augment_copies=3, layers=layers,
+                  replay=replay) for replay in (False, True)]
+    slow, fast = runs
+    assert fast.layers == slow.layers and fast.lam == slow.lam
+    assert [r["group"] for r in fast.selection.table] == [r["group"] for r in slow.selection.table]
+    for a, b in zip(slow.selection.table, fast.selection.table):
+        assert a == pytest.approx(b), (a, b)
+    slow_state, fast_state = slow.model.state_dict(), fast.model.state_dict()
+    for key, value in slow_state.items():
+        torch.testing.assert_close(fast_state[key], value, rtol=1e-5, atol=1e-6)
+    held = fmnist_test.subset(np.arange(200, 400))
+    x = Preprocessor.from_model(resnet)(held.images)
+    with torch.inference_mode():
+        assert torch.equal(slow.model(x).argmax(1), fast.model(x).argmax(1))
