@@ -21,6 +21,7 @@ from ..triggers import Trigger
 from .capture import capture_activations
 from .classifier import logits_of
 from .edit import GramStats, PairBatch, apply_edit, augmented_pairs, collect_stats
+from .layers import editable_layer
 from .metrics import predict
 from .replay import Replay, plan_replay
 
@@ -129,6 +130,10 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
     table = []
     for group, layer_names in groups.items():
         boundary = cached.get(group)
+        # Each trial edit rewrites every layer of the group from its original weights: restoring the whole
+        # model once per group is enough (a state_dict copy per fold costs more than a small model's solve).
+        trial.load_state_dict(model.state_dict())
+        w0 = {n: editable_layer(model, n).weight_matrix() for n in layer_names}
         for lam, protect in ((lam, protect) for lam in lams for protect in protects):
             clean_pred = np.empty(len(data), np.int64)
             trig_pred = np.empty(len(data), np.int64)
@@ -136,9 +141,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
                 held = np.flatnonzero(fold_of == fold)
                 if len(held) == 0:
                     continue
-                trial.load_state_dict(model.state_dict())
                 apply_edit(trial, {n: total[n] - stats[n][fold] for n in layer_names}, lam=lam, gamma=gamma,
-                           target_weight=target_weight, protect=protect)
+                           target_weight=target_weight, protect=protect, original=w0)
                 if boundary is not None:
                     clean_pred[held] = _predict_replayed(trial, boundary.plan, boundary.clean[0][held])
                     trig_pred[held] = _predict_replayed(trial, boundary.plan, boundary.triggered[0][held])
