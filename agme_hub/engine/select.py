@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..data import ImageSet, Preprocessor
+from ..progress import ProgressCallback, StageCounter
 from ..triggers import Trigger
 from .edit import GramStats, apply_edit, augmented_pairs, collect_stats
 from .metrics import predict
@@ -60,24 +61,26 @@ def _score(ca: float, ta: float, asr: float) -> float:
 def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, target: int,
                     preprocess: Preprocessor, groups: dict[str, list[str]], lams: tuple[float, ...], *,
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
-                    flip: bool, protects: tuple[float | None, ...] = (None,)
-                    ) -> tuple[Selection, float, dict[str, GramStats]]:
+                    flip: bool, protects: tuple[float | None, ...] = (None,), batch_size: int = 512,
+                    progress: ProgressCallback | None = None) -> tuple[Selection, float, dict[str, GramStats]]:
     """Leave-one-fold-out over (group, lam, protect); statistics of a fold are subtracted from the total.
 
     Also returns the seconds spent capturing, and the statistics over all of D, which the final edit
-    reuses for its first layer.
+    reuses for its first layer. ``batch_size``: images per forward pass (a clean and a triggered image per pair).
     """
     fold_of = _stratified_folds(data.labels, folds, seed)
     names = [n for group in groups.values() for n in group]
     start = time.perf_counter()
+    captured = StageCounter(progress, "capture", 2 * len(data) * (copies + 1), "images")
     stats = collect_stats(model, names, augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed,
-                                                        flip=flip),
-                          preprocess, target=target, folds=fold_of, num_folds=folds)
+                                                        flip=flip, batch_size=max(1, batch_size // 2)),
+                          preprocess, target=target, folds=fold_of, num_folds=folds, progress=captured)
     capture_seconds = time.perf_counter() - start
     total = {n: sum(s[1:], s[0]) for n, s in stats.items()}
     triggered = trigger.apply(data.images)
     trial = copy.deepcopy(model)
     table = []
+    trials = StageCounter(progress, "selection", len(groups) * len(lams) * len(protects) * folds, "trial edits")
     for group, layer_names in groups.items():
         for lam, protect in ((lam, protect) for lam in lams for protect in protects):
             clean_pred = np.empty(len(data), np.int64)
@@ -89,8 +92,9 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
                 trial.load_state_dict(model.state_dict())
                 apply_edit(trial, {n: total[n] - stats[n][fold] for n in layer_names}, lam=lam, gamma=gamma,
                            target_weight=target_weight, protect=protect)
-                clean_pred[held] = predict(trial, data.images[held], preprocess)
-                trig_pred[held] = predict(trial, triggered[held], preprocess)
+                clean_pred[held] = predict(trial, data.images[held], preprocess, batch_size=batch_size)
+                trig_pred[held] = predict(trial, triggered[held], preprocess, batch_size=batch_size)
+                trials.advance()
             is_target = data.labels == target
             ca = float((clean_pred == data.labels).mean())
             ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
