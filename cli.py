@@ -498,9 +498,9 @@ def bench(
     budgets: Annotated[Optional[list[int]], typer.Option("--budgets", help="Override: clean images per class (repeat).")] = None,
     defences: Annotated[Optional[list[str]], typer.Option("--defences", help="Override: agme-bdk, agme-nobdk, ..., ft, fp, clp, nc, ftsam (repeat).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is fastest for these small models on a shared CPU).")] = 1,
-    device: Annotated[Optional[str], typer.Option("--device", help="Where agme and the forward-pass floor run: auto, cpu, "
-                                                  "cuda, cuda:N or mps (default: the CPU; baselines: the CPU).",
-                                                  rich_help_panel="Runtime")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="Where agme and the forward-pass floor run: auto, cpu, cuda, cuda:N or mps (default: the CPU; "
+                         "baselines run on the CPU).", rich_help_panel="Runtime")] = None,
     batch_size: BatchSizeOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the rows an interrupted run left in --out.")] = False,
     as_json: JsonOpt = False,

@@ -15,7 +15,7 @@ import torch
 from .errors import DeviceError, UsageError
 
 __all__ = ["DEVICE_SPECS", "check_device_spec", "resolve_device", "model_device", "stats_device",
-           "auto_batch_size", "pick_batch_size"]
+           "auto_batch_size", "pick_batch_size", "synchronize"]
 
 DEVICE_SPECS = "auto, cpu, cuda, cuda:N or mps"
 _SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -76,6 +76,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def stats_device(device: torch.device) -> torch.device:
     """Where float64 Gram statistics and the solve live: the device itself, or the CPU where it has no float64."""
     return torch.device("cpu") if device.type == "mps" else device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (it runs asynchronously), so that a clock read after it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def auto_batch_size(device: torch.device, input_size: tuple[int, ...]) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 __all__ = [
     "AgmeError", "UsageError", "DataError", "DatasetNotInstalledError", "TriggerSpecError",
     "ShapeMismatchError", "ClassMismatchError", "UnsupportedFormatError", "UnsupportedArchitectureError",
-    "PickleRefusedError", "LayerNotFoundError", "MissingExtraError", "DeviceError", "RepoNotFoundError", "GatedRepoError",
-    "UnauthorizedError", "RevisionNotFoundError", "OfflineCacheMissError", "NetworkError",
+    "PickleRefusedError", "LayerNotFoundError", "MissingExtraError", "DeviceError", "RepoNotFoundError",
+    "GatedRepoError", "UnauthorizedError", "RevisionNotFoundError", "OfflineCacheMissError", "NetworkError",
     "OutputExistsError", "PushError", "JobsFileError", "BatchFailedError", "InvalidConfigError",
     "InvalidWeightsError", "OutputOverlapsInputError", "OutputNotWritableError", "ReportError",
     "WriteVerificationError", "CardValidationError",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..constants import BN_RECOMPUTE_BATCH
 from ..data import Preprocessor
-from ..devices import model_device, stats_device
+from ..devices import model_device, stats_device, synchronize
 from ..progress import StageCounter
 from ..triggers import Trigger
 from .capture import capture_activations
@@ -225,6 +225,7 @@ def collect_stats(model: torch.nn.Module, layer_names: list[str], pairs: Iterato
                     stats[layer.name][fold].add(kc[rows], kt[rows], row_target[rows])
             if progress is not None:
                 progress.advance(2 * n)
+    synchronize(where)  # the capture's time is its own, not the next step's
     return stats
 
 
@@ -244,8 +245,8 @@ def apply_edit(model: torch.nn.Module, stats: dict[str, GramStats], *, lam: floa
 
 def bn_batches(images: np.ndarray, trigger: Trigger, preprocess: Preprocessor) -> list[torch.Tensor]:
     """Clean and triggered images of D, preprocessed, in batches of ``BN_RECOMPUTE_BATCH`` of each."""
-    return [preprocess(np.concatenate([images[i:i + BN_RECOMPUTE_BATCH], trigger.apply(images[i:i + BN_RECOMPUTE_BATCH])]))
-            for i in range(0, len(images), BN_RECOMPUTE_BATCH)]
+    chunks = [images[i:i + BN_RECOMPUTE_BATCH] for i in range(0, len(images), BN_RECOMPUTE_BATCH)]
+    return [preprocess(np.concatenate([chunk, trigger.apply(chunk)])) for chunk in chunks]
 
 
 @torch.no_grad()

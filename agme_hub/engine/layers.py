@@ -25,7 +25,8 @@ from ..errors import UnsupportedArchitectureError
 from .capture import capture_activations, get_module, match_layer_names
 from .tracing import traced_head, traced_stages
 
-__all__ = ["key_block", "EditableLayer", "editable_layer", "find_candidates", "Candidates", "resolve_layers", "classifier_name"]
+__all__ = ["key_block", "max_key_dim", "EditableLayer", "editable_layer", "find_candidates", "Candidates",
+           "resolve_layers", "classifier_name"]
 
 
 @dataclass(frozen=True)

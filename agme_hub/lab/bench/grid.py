@@ -78,7 +78,7 @@ class BenchConfig:
     img_size: int = 32
     eval_per_class: int = 100  # fixed held-out evaluation images per class
     threads: int | None = 1  # torch intra-op threads; None leaves torch's default
-    device: str | None = None  # where agme's rows and the floor run (auto, cpu, cuda, ...); None: the CPU. Baselines: CPU
+    device: str | None = None  # where agme's rows and the floor run (auto, cpu, cuda, ...); None: the CPU (baselines too)
     batch_size: int | None = None  # images per forward pass of agme and the floor; None: sized to the device
     min_asr: float = 0.8  # below: the backdoor did not take; the cell is marked and not defended
     warn_asr: float = 0.9

@@ -12,7 +12,7 @@ import torch
 
 from ...constants import DEFAULT_AUGMENT_COPIES
 from ...data import ImageSet, Preprocessor
-from ...devices import model_device, pick_batch_size, resolve_device
+from ...devices import model_device, pick_batch_size, resolve_device, synchronize
 from ...engine.edit import augmented_pairs
 from ...triggers import Trigger
 
@@ -114,14 +114,9 @@ def forward_floor(model: torch.nn.Module, data: ImageSet, trigger: Trigger, *, c
     pairs = max(1, pick_batch_size(batch_size, run_on, preprocess.input_size) // 2)
     batches = [torch.cat([preprocess(b.clean), preprocess(b.triggered)]).to(run_on)
                for b in augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed, batch_size=pairs)]
-    _synchronize(run_on)
+    synchronize(run_on)
     start = time.perf_counter()
     for x in batches:
         model(x)
-    _synchronize(run_on)  # CUDA runs asynchronously: wait for the passes before reading the clock
+    synchronize(run_on)  # CUDA runs asynchronously: wait for the passes before reading the clock
     return time.perf_counter() - start, sum(len(x) for x in batches)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
