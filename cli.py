@@ -64,6 +64,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 OfflineOpt = Annotated[bool, typer.Option("--offline", help=HELP["offline"])]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help=HELP["allow_pickle"], rich_help_panel="Dangerous")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="Show details (and tracebacks on errors).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help=HELP["device"], rich_help_panel="Runtime")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", help=HELP["batch_size"], rich_help_panel="Runtime")]
 
 
 def _fail(message: str, code: int) -> None:
@@ -130,6 +132,43 @@ def _hub_progress_bars(show: bool) -> Iterator[None]:
 def _progress(enabled: bool) -> Callable[[str], None]:
     quiet = not enabled or not err_console.is_terminal
     return (lambda line: None) if quiet else (lambda line: err_console.log(line))
+
+
+class _StageBars:
+    """Per-stage progress bars on stderr (count, total, rate), fed by the engine's ``progress`` callback.
+
+    Off under ``--json`` and when stderr is not a terminal, like the progress lines.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.tasks: dict[str, Any] = {}
+        self.bars = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                             console=err_console, transient=True) if enabled and err_console.is_terminal else None
+
+    def __enter__(self) -> "_StageBars":
+        if self.bars is not None:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def __call__(self, event: Any) -> None:
+        if self.bars is None:
+            return
+        if event.stage not in self.tasks:
+            self.tasks[event.stage] = self.bars.add_task(event.stage, total=event.total, unit=event.unit, rate="")
+        task_id = self.tasks[event.stage]
+        task = next(t for t in self.bars.tasks if t.id == task_id)
+        if event.done < task.completed:  # a stage that runs again (the capture of a later edited layer)
+            self.bars.reset(task_id, total=event.total)
+        self.bars.update(task_id, completed=event.done, total=event.total)
+        speed = task.speed
+        self.bars.update(task_id, rate=f"{speed:,.1f}/s" if speed else "")
 
 
 _pct = api.report.format_percent
@@ -199,7 +238,8 @@ def _options_from_flags(options_class: type, flags: dict[str, Any]) -> Any:
 def clean(source: SourceArg, *, as_json: JsonOpt = False, verbose: VerboseOpt = False, **flags: Any) -> None:
     """Pull SOURCE, remove its backdoor, write safetensors + config + model card, and optionally push."""
     options = _options_from_flags(api.CleanOptions, flags)
-    record = api.run_clean(source, options, report=_progress(not as_json))
+    with _StageBars(not as_json) as bars:
+        record = api.run_clean(source, options, report=_progress(not as_json), progress=bars)
     _render_clean(record, as_json=as_json, verbose=verbose)
 
 
@@ -260,10 +300,13 @@ def inspect(source: SourceArg, revision: RevisionOpt = None, token: TokenOpt = N
 @handle_errors
 def eval_(source: SourceArg, data: DataOpt = "", trigger: TriggerOpt = None, target: TargetOpt = None,
           revision: RevisionOpt = None, token: TokenOpt = None, offline: OfflineOpt = False,
-          allow_pickle: PickleOpt = False, as_json: JsonOpt = False) -> None:
+          allow_pickle: PickleOpt = False, device: DeviceOpt = "auto", batch_size: BatchSizeOpt = None,
+          as_json: JsonOpt = False) -> None:
     """Measure clean accuracy, attack success, target-class and robust accuracy; change nothing."""
-    record = api.evaluate_source(source, data=data, trigger=trigger, target=target, revision=revision, token=token,
-                                 offline=offline, allow_pickle=allow_pickle)
+    with _StageBars(not as_json) as bars:
+        record = api.evaluate_source(source, data=data, trigger=trigger, target=target, revision=revision,
+                                     token=token, offline=offline, allow_pickle=allow_pickle, device=device,
+                                     batch_size=batch_size, progress=bars)
     if as_json:
         _emit_json(record)
         return
@@ -316,14 +359,20 @@ def backdoor_train(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Replace an existing --out folder.")] = False,
     model_format: Annotated[str, typer.Option("--format", help="timm, or transformers (needs the transformers extra of agme).")
                             ] = "timm",
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training images per step.",
+                                            rich_help_panel="Runtime")] = api.BackdoorConfig.batch_size,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a backdoored timm or transformers model on real offline data (for tests, benchmarks and demos)."""
     config = api.BackdoorConfig(dataset=dataset, arch=arch, trigger=trigger, target=target, poison_rate=poison_rate,
-                                epochs=epochs, seed=seed, n_train=per_class, img_size=img_size, format=model_format)
+                                epochs=epochs, seed=seed, n_train=per_class, img_size=img_size, format=model_format,
+                                batch_size=batch_size)
+    run_on = api.devices.resolve_device(device)  # before anything is written
     if out.exists() and any(out.iterdir()) and not yes:
         raise api.errors.OutputExistsError(f"{out} exists; choose another --out or pass --yes")
-    result = api.train_backdoored(config, out_dir=out, progress=not as_json and err_console.is_terminal, overwrite=yes)
+    result = api.train_backdoored(config, out_dir=out, progress=not as_json and err_console.is_terminal, overwrite=yes,
+                                  device=str(run_on))
     record = {"output_dir": str(out), "metrics": result.metrics.as_dict(), "train_seconds": round(result.train_seconds, 1)}
     if as_json:
         _emit_json(record)
@@ -337,10 +386,14 @@ def backdoor_train(
 def demo(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder of the cleaned model.")] = None,
     per_class: Annotated[int, typer.Option("--per-class", help=HELP["per_class"])] = 10,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The embedded default job, offline: backdoor a ResNet on Fashion-MNIST, clean it, show before/after."""
-    record = api.run_demo(out=out, per_class=per_class, report=_progress(not as_json))
+    with _StageBars(not as_json) as bars:
+        record = api.run_demo(out=out, per_class=per_class, report=_progress(not as_json), device=device,
+                              batch_size=batch_size, progress=bars)
     _render_clean(record, as_json=as_json)
 
 
@@ -445,6 +498,10 @@ def bench(
     budgets: Annotated[Optional[list[int]], typer.Option("--budgets", help="Override: clean images per class (repeat).")] = None,
     defences: Annotated[Optional[list[str]], typer.Option("--defences", help="Override: agme-bdk, agme-nobdk, ..., ft, fp, clp, nc, ftsam (repeat).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is fastest for these small models on a shared CPU).")] = 1,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="Where agme and the forward-pass floor run: auto, cpu, cuda, cuda:N or mps (default: the CPU; "
+                         "baselines run on the CPU).", rich_help_panel="Runtime")] = None,
+    batch_size: BatchSizeOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the rows an interrupted run left in --out.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -453,7 +510,10 @@ def bench(
     config = bench_api.config_with(
         base, seeds=tuple(range(seeds)) if seeds else None, datasets=tuple(datasets) if datasets else None,
         archs=tuple(archs) if archs else None, triggers=tuple(triggers) if triggers else None,
-        budgets=tuple(budgets) if budgets else None, defences=tuple(defences) if defences else None, threads=threads)
+        budgets=tuple(budgets) if budgets else None, defences=tuple(defences) if defences else None, threads=threads,
+        device=device, batch_size=batch_size)
+    if config.device is not None:
+        api.devices.resolve_device(config.device)  # a missing GPU fails before any training
     say = _progress(not as_json)
     rows = bench_api.run_bench(config, out, command="agme " + " ".join(sys.argv[1:]), resume=not fresh, say=say,
                                on_row=lambda r: say(f"  {r['defence']:<20} {r['per_class']:>3}/class  {r['status']:<14} "

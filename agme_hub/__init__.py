@@ -17,6 +17,7 @@ too, given its preprocessing: ``agme_hub.clean(net, data, ..., preprocess=agme_h
 """
 
 from . import constants as constants
+from . import devices as devices
 from . import errors as errors
 from . import redact as redact
 from . import report as report
@@ -42,6 +43,7 @@ from .lab import run_demo as run_demo
 from .lab import train_backdoored as train_backdoored
 from .options import CleanOptions as CleanOptions
 from .options import MethodOptions as MethodOptions
+from .progress import StageProgress as StageProgress
 from .report import CleanReport as CleanReport
 from .triggers import parse_trigger as parse_trigger
 
@@ -49,5 +51,5 @@ __all__ = [
     "__version__", "clean", "evaluate", "load", "save", "push", "run_clean", "run_demo", "inspect_source",
     "evaluate_source", "load_images", "parse_trigger", "train_backdoored", "BackdoorConfig", "CleanOptions",
     "MethodOptions", "CleanResult", "CleanReport", "ImageSet", "Preprocessor", "Metrics", "render_card",
-    "rerender_card", "errors", "constants", "report", "redact", "batch",
+    "rerender_card", "errors", "constants", "report", "redact", "batch", "devices", "StageProgress",
 ]

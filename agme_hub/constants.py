@@ -11,7 +11,8 @@ from pathlib import Path
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
-    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "DEFAULT_PROTECT_GRID", "cache_dir",
+    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "DEFAULT_PROTECT_GRID", "MAX_KEY_DIM",
+    "MIN_KEY_BLOCK", "BN_RECOMPUTE_BATCH", "cache_dir",
     "is_debug", "is_true",
 ]
 
@@ -37,6 +38,17 @@ DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
 # solves (with an eigendecomposition each) and moved no headline cell (docs/METHOD.md, issue 13); pass
 # protect_grid=(None, 0.9) to clean() to let the cross-validation choose it.
 DEFAULT_PROTECT_GRID: tuple[float | None, ...] = (None,)
+
+# Memory of the edit. It keeps four (d, d) float64 Gram matrices per layer and fold; d = 8192 is 0.5 GiB
+# each. Keys up to MAX_KEY_DIM wide are solved whole; wider ones in diagonal blocks of MAX_KEY_DIM^2 / d
+# keys, so that a wide layer takes no more memory than one at the cap (engine/edit.py). A layer whose block
+# would be narrower than MIN_KEY_BLOCK is refused, naming the layers that fit. The engine reads both at
+# call time, so a test can lower them.
+MAX_KEY_DIM = 8192
+MIN_KEY_BLOCK = 256
+# Images per batch when BatchNorm averages are re-estimated (bn_stats="recompute"): a statistical choice
+# (the variance is averaged over batches), not a memory one, so it does not follow --batch-size.
+BN_RECOMPUTE_BATCH = 128
 
 
 def is_true(value: str | None) -> bool:

@@ -377,7 +377,8 @@ class Preprocessor:
         if channels == 1:
             return x.expand(-1, in_chans, -1, -1)
         if in_chans == 1 and channels == 3:
-            return (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            return (x * luma).sum(1, keepdim=True)
         raise ShapeMismatchError(f"images have {channels} channels, the model takes {in_chans}")
 
     def from_unit(self, x: torch.Tensor) -> torch.Tensor:
@@ -396,8 +397,8 @@ class Preprocessor:
         if tuple(x.shape[-2:]) != tuple(size):
             top, left = int(round((x.shape[-2] - size[0]) / 2.0)), int(round((x.shape[-1] - size[1]) / 2.0))
             x = x[..., top:top + size[0], left:left + size[1]]
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:

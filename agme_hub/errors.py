@@ -9,8 +9,8 @@ from __future__ import annotations
 __all__ = [
     "AgmeError", "UsageError", "DataError", "DatasetNotInstalledError", "TriggerSpecError",
     "ShapeMismatchError", "ClassMismatchError", "UnsupportedFormatError", "UnsupportedArchitectureError",
-    "PickleRefusedError", "LayerNotFoundError", "MissingExtraError", "RepoNotFoundError", "GatedRepoError",
-    "UnauthorizedError", "RevisionNotFoundError", "OfflineCacheMissError", "NetworkError",
+    "PickleRefusedError", "LayerNotFoundError", "MissingExtraError", "DeviceError", "RepoNotFoundError",
+    "GatedRepoError", "UnauthorizedError", "RevisionNotFoundError", "OfflineCacheMissError", "NetworkError",
     "OutputExistsError", "PushError", "JobsFileError", "BatchFailedError", "InvalidConfigError",
     "InvalidWeightsError", "OutputOverlapsInputError", "OutputNotWritableError", "ReportError",
     "WriteVerificationError", "CardValidationError",
@@ -107,6 +107,12 @@ class MissingExtraError(AgmeError, ImportError):
     """Raised when a model needs an optional extra that is not installed (``pip install "agme[transformers]"``)."""
 
     exit_code = 16
+
+
+class DeviceError(AgmeError, ValueError):
+    """Raised when ``--device`` is not a device spec agme knows, or names a device this machine does not have."""
+
+    exit_code = 17
 
 
 # HUB ERRORS

@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 
 from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_FOLDS, DEFAULT_GAMMA, DEFAULT_INVERSION_STEPS,
                         DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_TARGET_WEIGHT)
+from .devices import check_device_spec
 from .errors import UsageError
 
 __all__ = ["MethodOptions", "CleanOptions", "option_help", "cli_flags"]
@@ -161,6 +162,12 @@ class CleanOptions:
     bn_stats: str = _method("bn_stats")
     inversion_steps: int = _method("inversion_steps")
     seed: int = _method("seed")
+    # Runtime: where and in what batches it runs, not what it computes (the edit agrees across devices and batch
+    # sizes within float rounding), so a reproduce command leaves them out, like yes and dry_run.
+    device: str = _opt("auto", "Where to run: auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.",
+                       group="Runtime", reproduce=False)
+    batch_size: int | None = _opt(None, "Images per forward pass (default: sized to the device and the input size).",
+                                  group="Runtime", reproduce=False)
     # Output (yes and dry_run say how to run, not what: a reproduce command leaves them out)
     out: str | None = _opt(None, "Output folder (default ./<name>-agme).", group="Output", path=True)
     yes: bool = _opt(False, "Replace an existing output folder that agme did not write.", group="Output",
@@ -184,6 +191,10 @@ class CleanOptions:
         if self.eval_per_class is not None and (isinstance(self.eval_per_class, bool)
                                                 or not isinstance(self.eval_per_class, int) or self.eval_per_class < 1):
             raise UsageError(f"--eval-per-class must be at least 1, got {self.eval_per_class}")
+        object.__setattr__(self, "device", check_device_spec(self.device))  # present or not: checked at run time
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 2):
+            raise UsageError(f"--batch-size must be a whole number >= 2, got {self.batch_size!r}")
         _ = self.method  # building MethodOptions checks the method's knobs
         if self.push_to is not None and (not _REPO_ID.fullmatch(self.push_to) or ".." in self.push_to
                                          or "--" in self.push_to):

@@ -262,6 +262,8 @@ def test_ray_missing_is_one_clear_error(models, tmp_path, monkeypatch):
     ({"defaults": {"data": "fashion-mnist"}, "jobs": [{"source": "a", "name": "../escape"}]},
      r"jobs\[0\] \(\.\./escape\): field 'name' '\.\./escape' is not a usable folder name"),
     ({"default": {}, "jobs": ["a"]}, r"unknown top-level key 'default'"),
+    ({"defaults": {"data": "fashion-mnist"}, "jobs": [{"source": "a", "device": "tpu"}]},
+     r"jobs\[0\] \(a\): unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
     ({"jobs": []}, r"'jobs' must be a non-empty list"),
 ])
 def test_invalid_jobs_name_the_entry_and_the_field(tmp_path, document, message):

@@ -278,6 +278,11 @@ ERROR_CASES = {
     "push of an incomplete folder": errors.PushError,
     "output folder with user files": errors.OutputExistsError,
     "card of a folder without report": errors.UsageError,
+    "device: clean --device cuda without CUDA": errors.DeviceError,
+    "device: eval --device cuda:1 without CUDA": errors.DeviceError,
+    "device: demo --device cuda without CUDA": errors.DeviceError,
+    "device: backdoor-train --device cuda without CUDA": errors.DeviceError,
+    "device: unknown spec": errors.DeviceError,
 }
 
 
@@ -363,7 +368,27 @@ def _error_args(case: str, *, hub_env, model_dir: Path, data: Path, tmp: Path, m
         return ["clean", model_dir, *CHEAP, "--out", tmp / "out", "--json"]
     if case == "card of a folder without report":
         return ["card", model_dir]
+    if case.startswith("device:"):
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+        monkeypatch.setattr("agme_hub.lab.backdoor.train_backdoored", _no_training)
+    if case == "device: clean --device cuda without CUDA":
+        return ["clean", SOURCE, *CHEAP, "--device", "cuda", "--out", tmp / "out", "--json"]
+    if case == "device: eval --device cuda:1 without CUDA":
+        return ["eval", model_dir, "--data", npz, "--device", "cuda:1", "--json"]
+    if case == "device: demo --device cuda without CUDA":
+        monkeypatch.setattr("agme_hub.lab.demo.demo_model_dir", _no_training)
+        return ["demo", "--out", tmp / "out", "--device", "cuda", "--json"]
+    if case == "device: backdoor-train --device cuda without CUDA":
+        return ["backdoor-train", "--out", tmp / "out", "--device", "cuda", "--json"]
+    if case == "device: unknown spec":
+        return ["clean", model_dir, *CHEAP, "--device", "tpu", "--out", tmp / "out", "--json"]
     raise AssertionError(case)
+
+
+def _no_training(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a missing device must fail before any training")
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
@@ -381,8 +406,8 @@ def test_each_error_is_one_line_and_its_exit_code(case, hub_env, source_sha, mod
         assert [p.name for p in (tmp_path / "out").iterdir()] == ["thesis.tex"] and "--yes" in line
     else:
         assert not (tmp_path / "out").exists(), "a failed run must not leave an output folder"
-    if case.startswith("offline"):
-        assert not [r for r in hub_env.server.requests if SOURCE in r.path], "offline must not ask the Hub"
+    if case.startswith("offline") or case.startswith("device:"):
+        assert not [r for r in hub_env.server.requests if SOURCE in r.path], "nothing may ask the Hub"
     if case == "pickle refused":
         assert "--allow-pickle" in line
 

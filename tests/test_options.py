@@ -144,3 +144,20 @@ def test_to_cli_args_leaves_out_secrets_and_how_to_run():
     assert options.to_cli_args("m") == ["clean", "m", "--data", "mnist", "--per-class", "3"]
     assert shlex.join(["agme", *CleanOptions(data="a b", repair=False).to_cli_args("s")]) == \
         "agme clean s --data 'a b' --no-repair"
+
+
+def test_device_and_batch_size_reach_the_run_but_not_the_reproduce_command(monkeypatch):
+    seen = []
+
+    def run_clean(source, parsed, **kwargs):
+        seen.append(parsed)
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(agme_hub, "run_clean", run_clean)
+    result = runner.invoke(cli.app, ["clean", "m", "--data", "mnist", "--device", "CUDA:1", "--batch-size", "64"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (seen[0].device, seen[0].batch_size) == ("cuda:1", 64)  # a spec is checked, not probed, here
+    assert seen[0].to_cli_args("m") == ["clean", "m", "--data", "mnist"]  # the command runs on any machine
+    from_jobs = CleanOptions.from_dict({"data": "mnist", "device": "mps", "batch-size": 16})
+    assert (from_jobs.device, from_jobs.batch_size) == ("mps", 16)
+    assert "Runtime" in runner.invoke(cli.app, ["clean", "--help"], terminal_width=200).output

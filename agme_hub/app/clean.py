@@ -26,9 +26,10 @@ import torch
 from .._version import __version__
 from ..constants import CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from ..data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
+from ..devices import pick_batch_size, resolve_device
 from ..engine import clean, inspect_layers
 from ..engine.layers import resolve_layers
-from ..engine.metrics import measure
+from ..engine.metrics import measure, measured_images
 from ..errors import ClassMismatchError, DataError, UsageError
 from ..hub.card import write_card
 from ..hub.checkpoint import (atomic_output_dir, build_model, describe_format, label_names, load_model, model_config,
@@ -38,6 +39,7 @@ from ..hub.push import push_folder
 from ..hub.sources import ResolvedSource, resolve_source
 from ..hub.transformers_format import PROCESSOR_CONFIG_NAME, build_transformers_model
 from ..options import CleanOptions
+from ..progress import ProgressCallback, StageCounter
 from ..report import (CleanReport, DataRecord, Evaluation, MethodRecord, MetricValues, PlannedPush, Provenance,
                       PushRecord, SourceInfo, TargetRecord, TriggerRecord)
 from ..triggers import MaskTrigger, parse_trigger
@@ -118,11 +120,12 @@ def _load_data(options: CleanOptions, label_names: list[str]) -> tuple[ImageSet,
 
 
 def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = None,
-              endpoint: str | None = None) -> CleanReport:
+              endpoint: str | None = None, progress: ProgressCallback | None = None) -> CleanReport:
     """Clean the model at ``source`` as ``options`` say; returns the report (also written as agme_report.json).
 
     Steps: resolve the source, load model and data, clean (:func:`agme_hub.engine.clean`), measure before
-    and after on held-out images, write the folder atomically, push.
+    and after on held-out images, write the folder atomically, push. The model runs on ``options.device``
+    (checked before anything is downloaded or written); ``progress`` receives each stage's counts.
 
     Raises:
         AgmeError: any input, model, Hub or output problem, with a one-line message.
@@ -133,6 +136,7 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     if not options.data:
         raise UsageError("--data is required: an image folder, an .npz or a built-in dataset name")
     trigger = parse_trigger(options.trigger) if options.trigger is not None else None
+    device = resolve_device(options.device)  # a missing GPU fails now, before any download or output
     local_source = Path(source.removeprefix("local-dir:")).expanduser()
     if options.out and not options.dry_run:  # before any download: a bad --out must not cost a pull
         _check_output(Path(options.out).expanduser().resolve(), options,
@@ -158,8 +162,8 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     if options.dry_run:
         return _dry_run_report(base, resolved, options)
 
-    say("loading the model")
-    model = load_model(resolved.local_dir, allow_pickle=options.allow_pickle)
+    say(f"loading the model onto {device}")
+    model = load_model(resolved.local_dir, allow_pickle=options.allow_pickle).to(device)
     edit_set, eval_set, eval_what = _load_data(options, names)
     _check_classes(edit_set, eval_set, target, trigger is not None)
     if trigger is not None:  # a trigger that does not fit these images fails now, not after the clean
@@ -168,7 +172,8 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     preprocess = Preprocessor.from_model(model)
 
     say(f"cleaning with {len(edit_set)} images")
-    result = clean(model, edit_set, trigger=trigger, target=target, method=options.method)
+    result = clean(model, edit_set, trigger=trigger, target=target, method=options.method, device=device,
+                   batch_size=options.batch_size, progress=progress)
     timing["capture"] = result.timings.total_capture
     timing["edit"] = result.timings.total_edit
     timing["inversion"] = result.timings.inversion or 0.0
@@ -177,12 +182,16 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     say("evaluating before and after")
     t0 = time.perf_counter()
     measured_trigger = trigger if trigger is not None else result.trigger
-    before = measure(model, eval_set, preprocess, trigger=measured_trigger, target=result.target)
-    after = measure(result.model, eval_set, preprocess, trigger=measured_trigger, target=result.target)
+    passes = (2 + int(result.unrepaired_model is not None)) * measured_images(eval_set, trigger=measured_trigger,
+                                                                               target=result.target)
+    evaluated = StageCounter(progress, "evaluation", passes, "images")
+    scored = dict(preprocess=preprocess, trigger=measured_trigger, target=result.target, batch_size=result.batch_size,
+                  progress=evaluated)
+    before = measure(model, eval_set, **scored)
+    after = measure(result.model, eval_set, **scored)
     without_repair = None
     if result.unrepaired_model is not None:
-        without_repair = measure(result.unrepaired_model, eval_set, preprocess, trigger=measured_trigger,
-                                 target=result.target)
+        without_repair = measure(result.unrepaired_model, eval_set, **scored)
     timing["eval"] = time.perf_counter() - t0
 
     detection = result.detection
@@ -214,7 +223,7 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
                 "agme.parameters": json.dumps({k: record.options[k] for k in
                                                ("trigger", "target", "per_class", "seed")}, sort_keys=True)}
     with atomic_output_dir(out, overwrite=True) as tmp:
-        save_model(result.model, tmp, label_names=names, pretrained_cfg=config.get("pretrained_cfg"),
+        save_model(result.model.cpu(), tmp, label_names=names, pretrained_cfg=config.get("pretrained_cfg"),
                    model_args=config.get("model_args"), metadata=metadata)
         if config.get("format") != "transformers":  # save_pretrained writes the whole transformers config
             _keep_config(tmp / CONFIG_NAME, config)
@@ -303,17 +312,22 @@ def inspect_source(source: str, *, revision: str | None = None, token: str | Non
 
 def evaluate_source(source: str, *, data: str, trigger: str | None = None, target: str | int | None = None,
                     revision: str | None = None, token: str | None = None, offline: bool = False,
-                    allow_pickle: bool = False, endpoint: str | None = None) -> Evaluation:
+                    allow_pickle: bool = False, endpoint: str | None = None, device: str = "auto",
+                    batch_size: int | None = None, progress: ProgressCallback | None = None) -> Evaluation:
     """Metrics of the model at ``source`` on ``data`` (ASR and RA need a trigger and a target)."""
     if not data:
         raise UsageError("--data is required: an image folder, an .npz or a built-in dataset name")
     used = parse_trigger(trigger) if trigger is not None else None
+    run_on = resolve_device(device)
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               endpoint=endpoint)
     names = label_names(model_config(resolved.local_dir))
-    model = load_model(resolved.local_dir, allow_pickle=allow_pickle)
+    model = load_model(resolved.local_dir, allow_pickle=allow_pickle).to(run_on)
     images = load_images(data, label_names=names)
     index = resolve_target(target, names)
-    metrics = measure(model, images, Preprocessor.from_model(model), trigger=used, target=index)
+    preprocess = Preprocessor.from_model(model)
+    counter = StageCounter(progress, "evaluation", measured_images(images, trigger=used, target=index), "images")
+    metrics = measure(model, images, preprocess, trigger=used, target=index,
+                      batch_size=pick_batch_size(batch_size, run_on, preprocess.input_size), progress=counter)
     return Evaluation(source=source, revision=resolved.revision, data=data, trigger=used.spec if used else None,
                       target=index, metrics=metrics.as_dict(per_class=True))

@@ -18,14 +18,16 @@ import numpy as np
 import torch
 
 from ..data import ImageSet, Preprocessor
+from ..devices import model_device, pick_batch_size, resolve_device
 from ..errors import ClassMismatchError, DataError
 from ..options import MethodOptions
+from ..progress import ProgressCallback, StageCounter
 from ..triggers import Trigger, parse_trigger
 from .classifier import ClassifierView, as_classifier, unwrap
-from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
+from .edit import GramStats, apply_edit, augmented_pairs, bn_batches, collect_stats, recompute_batchnorm
 from .inversion import TargetDetection, detect_target, invert_trigger
 from .layers import Candidates, editable_layer, find_candidates, resolve_layers
-from .metrics import Metrics, measure, predict
+from .metrics import Metrics, measure, measured_images, predict
 from .replay import reads_from
 from .select import CachedBoundary, Selection, _cross_validate
 
@@ -78,6 +80,8 @@ class CleanResult:
     timings: Timings
     unrepaired_model: torch.nn.Module | None = None  # the same edit without the repair (for reporting)
     protect: float | None = None  # the repair's null-space constraint on the target-class keys (chosen by CV)
+    device: str = "cpu"  # where the clean ran (the returned models are back where the caller's model was)
+    batch_size: int = 0  # images per forward pass it used
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +109,8 @@ class _LayerChoice:
 
 def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | None = None, target: int | None = None,
           method: MethodOptions | None = None, inplace: bool = False, preprocess: Preprocessor | None = None,
-          replay: bool = True, **overrides: Any) -> CleanResult:
+          device: str | torch.device | None = None, batch_size: int | None = None,
+          progress: ProgressCallback | None = None, replay: bool = True, **overrides: Any) -> CleanResult:
     """Remove a backdoor from ``model`` using the handful of clean images ``data``.
 
     Args:
@@ -119,6 +124,12 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         inplace: edit ``model`` itself instead of a copy.
         preprocess: how raw images become the model's input; needed for modules that carry none (timm models
             and models from ``agme_hub.load`` carry their own).
+        device: where to run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``; see
+            :mod:`agme_hub.devices`); ``None``: where ``model`` is. The returned models are put back on the
+            device ``model`` was on, so the caller's model and the result live together.
+        batch_size: images per forward pass; ``None``: sized to the device and the input size. It changes
+            the edit only by float rounding (statistics are sums).
+        progress: called with a :class:`~agme_hub.progress.StageProgress` as each stage advances.
         replay: run only the layers after a verified boundary when the edit cannot change what comes before
             (:mod:`.replay`); ``False`` runs the whole network every time (the reference it is tested against).
         **overrides: knobs of :class:`MethodOptions` by name, applied over ``method``
@@ -135,22 +146,35 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != data.num_classes:
         raise ClassMismatchError(f"the model has {num_classes} classes, the data {data.num_classes}")
+    home = model_device(model)
+    run_on = resolve_device(device) if device is not None else home
     model.eval()
-    edited = model if inplace else copy.deepcopy(model)
-    original = copy.deepcopy(model) if inplace else model
+    if run_on == home:
+        edited = model if inplace else copy.deepcopy(model)
+        original = copy.deepcopy(model) if inplace else model
+    else:  # the caller's model stays where it is (unless inplace); copies run on the device
+        original = copy.deepcopy(model).to(run_on)
+        edited = model.to(run_on) if inplace else copy.deepcopy(original)
     preprocess = Preprocessor.from_model(model)
+    batch = pick_batch_size(batch_size, run_on, preprocess.input_size)
     weight = method.target_weight if method.repair else 1.0
 
-    chosen = _choose_trigger(original, data, trigger, target, method=method, preprocess=preprocess)
-    layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight, replay=replay)
+    chosen = _choose_trigger(original, data, trigger, target, method=method, preprocess=preprocess, batch=batch,
+                             progress=progress)
+    layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight, batch=batch,
+                            progress=progress, replay=replay)
     final_stats, w0, final_seconds = _final_edit(edited, original, data, chosen, layers, method=method,
-                                                 preprocess=preprocess, weight=weight, replay=replay)
+                                                 preprocess=preprocess, weight=weight, batch=batch, progress=progress,
+                                                 replay=replay)
     unrepaired = None
     if (weight != 1.0 or layers.protect is not None) and method.bn_stats == "keep":
         # The same edit without the repair weight, for reporting TA with and without repair. Keys of a
         # later layer came through the repaired earlier ones: exact for one layer, close for several.
         unrepaired = copy.deepcopy(edited)
         apply_edit(unrepaired, final_stats, lam=layers.lam, gamma=method.gamma, target_weight=1.0, original=w0)
+    if run_on != home:  # back where the caller's model is
+        edited = edited.to(home)
+        unrepaired = unrepaired.to(home) if unrepaired is not None else None
     if model is not caller_model and not isinstance(caller_model, ClassifierView):
         # hand back the kind of module the caller gave
         edited = unwrap(edited)
@@ -162,44 +186,51 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
                        layers=list(layers.layers), lam=layers.lam, gamma=method.gamma, target_weight=weight,
                        augment_copies=method.augment_copies, bn_stats=method.bn_stats, seed=method.seed,
                        n_edit_images=len(data), selection=layers.selection, candidates=layers.candidates,
-                       timings=timings, unrepaired_model=unrepaired, protect=layers.protect)
+                       timings=timings, unrepaired_model=unrepaired, protect=layers.protect, device=str(run_on),
+                       batch_size=batch)
 
 
 def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None, target: int | None, *,
-                    method: MethodOptions, preprocess: Preprocessor) -> _TriggerChoice:
+                    method: MethodOptions, preprocess: Preprocessor, batch: int,
+                    progress: ProgressCallback | None) -> _TriggerChoice:
     """The trigger to edit with and the target: given, picked from the trigger, or from trigger inversion."""
     if trigger is not None:
         used = parse_trigger(trigger)
         if target is None:
-            target = _pick_target_from_trigger(model, data, used, preprocess)
+            target = _pick_target_from_trigger(model, data, used, preprocess, batch)
         return _TriggerChoice(mode="bdk", kind="given", trigger=used, target=target, detection=None, seconds=None)
     start = time.perf_counter()
     detection = None
+    classes = data.num_classes if target is None else 1
+    steps = StageCounter(progress, "inversion", classes * method.inversion_steps, "steps")
     if target is None:
-        detection = detect_target(model, data, steps=method.inversion_steps, seed=method.seed)
+        detection = detect_target(model, data, steps=method.inversion_steps, seed=method.seed, eval_batch_size=batch,
+                                  progress=steps)
         target = detection.target
         used = detection.inversions[target].trigger
     else:
-        used = invert_trigger(model, data, target, steps=method.inversion_steps, seed=method.seed).trigger
+        used = invert_trigger(model, data, target, steps=method.inversion_steps, seed=method.seed,
+                              eval_batch_size=batch, progress=steps).trigger
     return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=used, target=target, detection=detection,
                           seconds=time.perf_counter() - start)
 
 
 def _pick_target_from_trigger(model: torch.nn.Module, data: ImageSet, trigger: Trigger,
-                              preprocess: Preprocessor) -> int:
+                              preprocess: Preprocessor, batch: int) -> int:
     """With the trigger known but not the target: the class triggered images of D go to most."""
-    preds = predict(model, data.images, preprocess, trigger=trigger)
+    preds = predict(model, data.images, preprocess, trigger=trigger, batch_size=batch)
     return int(np.bincount(preds, minlength=data.num_classes).argmax())
 
 
 def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice, *, method: MethodOptions,
-                   preprocess: Preprocessor, weight: float, replay: bool = True) -> _LayerChoice:
+                   preprocess: Preprocessor, weight: float, batch: int,
+                   progress: ProgressCallback | None, replay: bool = True) -> _LayerChoice:
     """The layers and lam to edit with: given, or chosen by cross-validation on D."""
     candidates = None
     if method.layers:
         groups = {"given": resolve_layers(model, list(method.layers))}
     else:
-        candidates = find_candidates(model, preprocess(data.images[:2]))
+        candidates = find_candidates(model, preprocess(data.images[:2]).to(model_device(model)))
         groups = candidates.groups
     if method.lam is not None and len(groups) == 1:
         # lam and layers given: no cross-validation, so the repair is the weight alone
@@ -212,15 +243,17 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
     selection, capture_seconds, captured, boundaries = _cross_validate(
         model, data, chosen.trigger, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
-        protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay)
+        protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay, batch_size=batch,
+        progress=progress)
     return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
                         candidates=candidates, captured=captured, boundary=boundaries.get(selection.group),
                         seconds=time.perf_counter() - start, capture_seconds=capture_seconds)
 
 
 def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
-                layers: _LayerChoice, *, method: MethodOptions, preprocess: Preprocessor, weight: float,
-                replay: bool = True) -> tuple[dict[str, GramStats], dict[str, torch.Tensor], dict[str, float]]:
+                layers: _LayerChoice, *, method: MethodOptions, preprocess: Preprocessor, weight: float, batch: int,
+                progress: ProgressCallback | None, replay: bool = True
+                ) -> tuple[dict[str, GramStats], dict[str, torch.Tensor], dict[str, float]]:
     """Edit the chosen layers of ``edited`` shallow to deep; keys of each layer come through those already edited.
 
     A later layer whose input no earlier edit reaches (a shortcut's conv beside the block's first conv) keeps
@@ -234,19 +267,21 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
     used = chosen.trigger
     w0 = {n: _weight_matrix(original, n) for n in layers.layers}
     final_stats: dict[str, GramStats] = {}
+    edits = StageCounter(progress, "edit", len(layers.layers), "layers")
     for position, name in enumerate(layers.layers):
         start = time.perf_counter()
         shortcut = replay and method.bn_stats == "keep"
         if position == 0 and name in layers.captured:  # nothing upstream is edited yet: the CV's keys are these keys
             final_stats[name] = layers.captured[name]
         elif shortcut and name in layers.captured and not reads_from(edited, name, layers.layers[:position],
-                                                                     preprocess(data.images[:1])):
+                                                                     preprocess(data.images[:1]).to(model_device(edited))):
             final_stats[name] = layers.captured[name]
         else:
             pairs = augmented_pairs(data.images, data.labels, used, copies=method.augment_copies, seed=method.seed,
-                                    flip=method.flip)
+                                    flip=method.flip, batch_size=max(1, batch // 2))
+            captured = StageCounter(progress, "capture", 2 * len(data) * (method.augment_copies + 1), "images")
             final_stats[name] = _capture_one(edited, name, pairs, preprocess, chosen.target,
-                                             layers.boundary if shortcut else None)
+                                             layers.boundary if shortcut else None, progress=captured)
         seconds["capture"] += time.perf_counter() - start
         start = time.perf_counter()
         apply_edit(edited, {name: final_stats[name]}, lam=layers.lam, gamma=method.gamma, target_weight=weight,
@@ -254,21 +289,20 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
         seconds["solve"] += time.perf_counter() - start
         if method.bn_stats == "recompute":
             start = time.perf_counter()
-            batches = [preprocess(np.concatenate([data.images[i:i + 128], used.apply(data.images[i:i + 128])]))
-                       for i in range(0, len(data), 128)]
-            recompute_batchnorm(edited, name, batches)
+            recompute_batchnorm(edited, name, bn_batches(data.images, used, preprocess))
             seconds["bn_stats"] += time.perf_counter() - start
+        edits.advance()
     edited.eval()
     return final_stats, w0, seconds
 
 
 def _capture_one(model: torch.nn.Module, name: str, pairs: Any, preprocess: Preprocessor, target: int,
-                 boundary: CachedBoundary | None) -> GramStats:
+                 boundary: CachedBoundary | None, *, progress: StageCounter | None = None) -> GramStats:
     """One layer's statistics over the augmented pairs, run from the cached boundary outputs when there are any."""
     if boundary is None:
-        return collect_stats(model, [name], pairs, preprocess, target=target)[name][0]
+        return collect_stats(model, [name], pairs, preprocess, target=target, progress=progress)[name][0]
     with boundary.plan.installed(model) as run:
-        return collect_stats(model, [name], pairs, preprocess, target=target,
+        return collect_stats(model, [name], pairs, preprocess, target=target, progress=progress,
                              run=lambda batch: run(boundary.rows(batch)))[name][0]
 
 
@@ -277,13 +311,25 @@ def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 def evaluate(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None = None,
-             target: int | None = None, *, preprocess: Preprocessor | None = None) -> Metrics:
-    """CA, ASR, TA, RA and per-class accuracy of ``model`` on ``data`` (ASR and RA need a trigger)."""
+             target: int | None = None, *, preprocess: Preprocessor | None = None,
+             device: str | torch.device | None = None, batch_size: int | None = None,
+             progress: ProgressCallback | None = None) -> Metrics:
+    """CA, ASR, TA, RA and per-class accuracy of ``model`` on ``data`` (ASR and RA need a trigger).
+
+    ``device``: where to run (``None``: where ``model`` is; elsewhere a copy runs, ``model`` stays put);
+    ``batch_size``: images per forward pass (``None``: sized to the device).
+    """
     model = as_classifier(model, preprocess=preprocess)
     used = parse_trigger(trigger) if trigger is not None else None
     if target is not None and not 0 <= target < data.num_classes:
         raise ClassMismatchError(f"target class {target} is out of range: 0..{data.num_classes - 1}")
-    return measure(model, data, Preprocessor.from_model(model), trigger=used, target=target)
+    run_on = resolve_device(device) if device is not None else model_device(model)
+    if run_on != model_device(model):
+        model = copy.deepcopy(model).to(run_on)
+    preprocess = Preprocessor.from_model(model)
+    batch = pick_batch_size(batch_size, run_on, preprocess.input_size)
+    counter = StageCounter(progress, "evaluation", measured_images(data, trigger=used, target=target), "images")
+    return measure(model, data, preprocess, trigger=used, target=target, batch_size=batch, progress=counter)
 
 
 def inspect_layers(model: torch.nn.Module, *, preprocess: Preprocessor | None = None) -> Candidates:

@@ -9,7 +9,14 @@ and of their triggered twins ``kt``::
 with ``Cc = sum w kc kc^T``, ``Ctt = sum kt kt^T``, ``Cct = sum kc kt^T`` and
 ``lam' = lam * mean(diag(Cc + gamma Ctt))`` so that ``lam`` is scale-free. The Gram matrices are
 accumulated batch by batch in float64 (memory O(d^2), whatever the number of images), per fold so
-that cross-validation can leave one fold out by subtraction.
+that cross-validation can leave one fold out by subtraction. They live where the model runs, or on the CPU
+where that device has no float64 (MPS; :func:`agme_hub.devices.stats_device`).
+
+Keys wider than ``constants.MAX_KEY_DIM`` are solved in diagonal blocks of ``b`` consecutive keys: each
+block's weights ``W_b`` get the closed form above on that block's statistics alone, with the ridge of the
+whole layer, so that ``W_b kt_b`` is pulled to ``W0_b kc_b`` block by block (and therefore ``W kt`` to
+``W0 kc``). The update is restricted to that block-diagonal family; memory is ``d * b`` instead of ``d^2``
+(:func:`key_block`). Tested against the full solve in ``tests/test_devices.py``.
 """
 
 from __future__ import annotations
@@ -19,14 +26,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .capture import StopForward, capture_activations
+from ..constants import BN_RECOMPUTE_BATCH
 from ..data import Preprocessor
+from ..devices import model_device, stats_device, synchronize
+from ..progress import StageCounter
 from ..triggers import Trigger
-from .layers import EditableLayer, editable_layer
+from .capture import StopForward, capture_activations
+from .layers import EditableLayer, editable_layer, key_block
 
 __all__ = ["GramStats", "PairBatch", "augmented_pairs", "collect_stats", "solve_edit", "apply_edit",
-           "recompute_batchnorm"]
+           "recompute_batchnorm", "bn_batches", "key_block"]
 
 
 @dataclass
@@ -34,7 +45,9 @@ class GramStats:
     """Sufficient statistics of one layer's edit: ``(d, d)`` float64 Gram matrices.
 
     ``cc_target`` holds the clean target-class rows alone, so that the repair weight can be chosen
-    after capture: the weighted preserve matrix is ``cc + (w - 1) cc_target``.
+    after capture: the weighted preserve matrix is ``cc + (w - 1) cc_target``. With ``block`` set (keys
+    wider than ``constants.MAX_KEY_DIM``) each matrix is ``(n_blocks, block, block)``: the diagonal blocks
+    only, the keys zero-padded to ``n_blocks * block`` (zero keys add nothing and get a zero update).
     """
 
     cc: torch.Tensor
@@ -42,28 +55,39 @@ class GramStats:
     tt: torch.Tensor
     ct: torch.Tensor
     rows: int = 0
+    block: int | None = None
 
     @classmethod
-    def zeros(cls, dim: int) -> "GramStats":
-        z = torch.zeros(dim, dim, dtype=torch.float64)
-        return cls(z, z.clone(), z.clone(), z.clone(), 0)
+    def zeros(cls, dim: int, *, block: int | None = None, device: torch.device | str | None = None) -> "GramStats":
+        shape = (dim, dim) if block is None else (-(-dim // block), block, block)
+        z = torch.zeros(shape, dtype=torch.float64, device=device)
+        return cls(z, z.clone(), z.clone(), z.clone(), 0, block)
+
+    def _gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.block is None:
+            return a.T @ b
+        return torch.einsum("mia,mib->iab", self._blocks(a), self._blocks(b))
+
+    def _blocks(self, keys: torch.Tensor) -> torch.Tensor:
+        n_blocks, block = self.cc.shape[0], self.cc.shape[1]
+        return F.pad(keys, (0, n_blocks * block - keys.shape[1])).reshape(keys.shape[0], n_blocks, block)
 
     def add(self, kc: torch.Tensor, kt: torch.Tensor, is_target: torch.Tensor) -> None:
-        self.cc += kc.T @ kc
+        self.cc += self._gram(kc, kc)
         if bool(is_target.any()):
             kc_target = kc[is_target]
-            self.cc_target += kc_target.T @ kc_target
-        self.tt += kt.T @ kt
-        self.ct += kc.T @ kt
+            self.cc_target += self._gram(kc_target, kc_target)
+        self.tt += self._gram(kt, kt)
+        self.ct += self._gram(kc, kt)
         self.rows += kc.shape[0]
 
     def __add__(self, other: "GramStats") -> "GramStats":
         return GramStats(self.cc + other.cc, self.cc_target + other.cc_target, self.tt + other.tt,
-                         self.ct + other.ct, self.rows + other.rows)
+                         self.ct + other.ct, self.rows + other.rows, self.block)
 
     def __sub__(self, other: "GramStats") -> "GramStats":
         return GramStats(self.cc - other.cc, self.cc_target - other.cc_target, self.tt - other.tt,
-                         self.ct - other.ct, self.rows - other.rows)
+                         self.ct - other.ct, self.rows - other.rows, self.block)
 
 
 def solve_edit(w0: torch.Tensor, stats: GramStats, *, lam: float, gamma: float,
@@ -72,13 +96,30 @@ def solve_edit(w0: torch.Tensor, stats: GramStats, *, lam: float, gamma: float,
 
     ``protect`` (the repair's hard constraint, in (0, 1)): the update may not act on the key directions
     that hold this fraction of the clean target-class keys' energy, so the target class keeps its outputs
-    there exactly (null-space editing); the edit is the best one in the remaining directions.
+    there exactly (null-space editing); the edit is the best one in the remaining directions. Blocked
+    statistics are solved block by block (the constraint too), with the ridge of the whole layer.
     """
+    w0 = w0.to(stats.cc.device)
+    diagonal = torch.diagonal(stats.cc + (target_weight - 1.0) * stats.cc_target + gamma * stats.tt,
+                              dim1=-2, dim2=-1)
+    # zero padding adds zeros to the diagonal: the mean over the layer's d real keys
+    ridge = lam * max(float(diagonal.sum()) / w0.shape[1], 1e-12)
+    if stats.block is None:
+        return _solve(w0, stats, ridge=ridge, gamma=gamma, target_weight=target_weight, protect=protect)
+    n_blocks, block = stats.cc.shape[0], stats.cc.shape[1]
+    padded = F.pad(w0, (0, n_blocks * block - w0.shape[1]))
+    solved = [_solve(padded[:, i * block:(i + 1) * block],
+                     GramStats(stats.cc[i], stats.cc_target[i], stats.tt[i], stats.ct[i], stats.rows),
+                     ridge=ridge, gamma=gamma, target_weight=target_weight, protect=protect)
+              for i in range(n_blocks)]
+    return torch.cat(solved, dim=1)[:, :w0.shape[1]]
+
+
+def _solve(w0: torch.Tensor, stats: GramStats, *, ridge: float, gamma: float, target_weight: float,
+           protect: float | None) -> torch.Tensor:
     cc = stats.cc + (target_weight - 1.0) * stats.cc_target
-    a = cc + gamma * stats.tt
-    ridge = lam * float(torch.diagonal(a).mean().clamp_min(1e-12))
-    eye = torch.eye(a.shape[0], dtype=torch.float64)
-    a = a + ridge * eye
+    eye = torch.eye(cc.shape[0], dtype=torch.float64, device=cc.device)
+    a = cc + gamma * stats.tt + ridge * eye
     if protect is not None:
         return w0 + _protected_update(w0, stats, a, gamma=gamma, protect=protect)
     b = w0 @ (cc + gamma * stats.ct + ridge * eye)
@@ -151,8 +192,12 @@ def augmented_pairs(images: np.ndarray, labels: np.ndarray, trigger: Trigger, *,
 def collect_stats(model: torch.nn.Module, layer_names: list[str], pairs: Iterator[PairBatch],
                   preprocess: Preprocessor, *, target: int | None = None,
                   folds: np.ndarray | None = None, num_folds: int = 1,
-                  run: Callable[[PairBatch], object] | None = None) -> dict[str, list[GramStats]]:
+                  run: Callable[[PairBatch], object] | None = None,
+                  progress: StageCounter | None = None) -> dict[str, list[GramStats]]:
     """One pass over the pairs: per layer and per fold, the Gram statistics of the edit.
+
+    The pairs run on the device the model is on; the statistics accumulate there in float64, or on the CPU
+    where the device has no float64.
 
     Args:
         target: the target class, whose clean rows are also kept apart (for the repair).
@@ -160,13 +205,17 @@ def collect_stats(model: torch.nn.Module, layer_names: list[str], pairs: Iterato
         run: how a batch (clean rows first, then triggered) goes through ``model``; default: the whole
             network on the preprocessed images. The engine passes a replay from cached activations
             (:mod:`.replay`) or a pass that also keeps them.
+        progress: counts the images (clean and triggered) that went through the network.
     """
     model.eval()
+    device = model_device(model)
+    where = stats_device(device)
     layers = [editable_layer(model, n) for n in layer_names]
-    stats = {layer.name: [GramStats.zeros(layer.key_dim) for _ in range(num_folds)] for layer in layers}
+    stats = {layer.name: [GramStats.zeros(layer.key_dim, block=key_block(layer.key_dim), device=where)
+                          for _ in range(num_folds)] for layer in layers}
     if run is None:
         def run(batch: PairBatch) -> object:
-            return model(torch.cat([preprocess(batch.clean), preprocess(batch.triggered)]))
+            return model(torch.cat([preprocess(batch.clean), preprocess(batch.triggered)]).to(device))
 
     with capture_activations(model, layer_names, stop=True) as trace:
         for batch in pairs:
@@ -179,14 +228,17 @@ def collect_stats(model: torch.nn.Module, layer_names: list[str], pairs: Iterato
             is_target = torch.as_tensor(batch.labels == target) if target is not None else torch.zeros(n, dtype=torch.bool)
             fold_of = folds[batch.source] if folds is not None else np.zeros(n, np.int64)
             for layer in layers:
-                inputs = trace[layer.name].input
+                inputs = trace[layer.name].input.to(where)
                 kc, kt = layer.keys(inputs[:n]), layer.keys(inputs[n:])
                 per_image = kc.shape[0] // n
-                row_target = is_target.repeat_interleave(per_image)
+                row_target = is_target.repeat_interleave(per_image).to(where)
                 row_fold = np.repeat(fold_of, per_image)
                 for fold in np.unique(row_fold):
-                    rows = torch.as_tensor(np.flatnonzero(row_fold == fold))
+                    rows = torch.as_tensor(np.flatnonzero(row_fold == fold), device=where)
                     stats[layer.name][fold].add(kc[rows], kt[rows], row_target[rows])
+            if progress is not None:
+                progress.advance(2 * n)
+    synchronize(where)  # the capture's time is its own, not the next step's
     return stats
 
 
@@ -202,6 +254,12 @@ def apply_edit(model: torch.nn.Module, stats: dict[str, GramStats], *, lam: floa
         w0 = original[name] if original is not None else layer.weight_matrix()
         layer.set_weight_matrix(solve_edit(w0, layer_stats, lam=lam, gamma=gamma, target_weight=target_weight,
                                            protect=protect))
+
+
+def bn_batches(images: np.ndarray, trigger: Trigger, preprocess: Preprocessor) -> list[torch.Tensor]:
+    """Clean and triggered images of D, preprocessed, in batches of ``BN_RECOMPUTE_BATCH`` of each."""
+    chunks = [images[i:i + BN_RECOMPUTE_BATCH] for i in range(0, len(images), BN_RECOMPUTE_BATCH)]
+    return [preprocess(np.concatenate([chunk, trigger.apply(chunk)])) for chunk in chunks]
 
 
 @torch.no_grad()
@@ -222,8 +280,9 @@ def recompute_batchnorm(model: torch.nn.Module, after: str, batches: list[torch.
         module.momentum = None  # cumulative average over the batches
         module.train()
     try:
+        device = model_device(model)
         for x in batches:
-            model(x)
+            model(x.to(device))
     finally:
         for name, module in norms:
             module.momentum = saved[name]

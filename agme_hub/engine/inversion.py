@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from ..constants import DEFAULT_INVERSION_STEPS
 from ..data import ImageSet, Preprocessor
+from ..devices import model_device
 from ..errors import DataError
+from ..progress import StageCounter
 from ..triggers import MaskTrigger
 
 __all__ = ["Inversion", "TargetDetection", "invert_trigger", "detect_target", "anomaly_indices"]
@@ -46,24 +48,31 @@ class TargetDetection:
 
 
 def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps: int = DEFAULT_INVERSION_STEPS,
-                   lr: float = 0.1, beta: float = 0.2, batch_size: int = 64, seed: int = 0) -> Inversion:
-    """Reconstruct a small mask + pattern that sends D minus class ``target`` to ``target``."""
+                   lr: float = 0.1, beta: float = 0.2, batch_size: int = 64, seed: int = 0,
+                   eval_batch_size: int = 256, progress: StageCounter | None = None) -> Inversion:
+    """Reconstruct a small mask + pattern that sends D minus class ``target`` to ``target``.
+
+    ``batch_size`` is the optimisation's minibatch (part of the method); ``eval_batch_size`` only chunks the
+    final forward passes. Runs on the model's device; random draws come from a CPU generator, so a seed
+    gives the same draws on every device.
+    """
     import time
 
     start = time.perf_counter()
     preprocess = Preprocessor.from_model(model)
+    device = model_device(model)
     keep = data.labels != target
     if not keep.any():
         raise DataError(f"trigger inversion for class {target} needs images of other classes")
-    x = Preprocessor.to_unit(data.images[keep])
+    x = Preprocessor.to_unit(data.images[keep]).to(device)
     n, c, h, w = x.shape
     generator = torch.Generator().manual_seed(seed + 7919 * target)
-    mask_logit = torch.full((1, 1, h, w), -3.0).add_(0.1 * torch.randn(1, 1, h, w, generator=generator))
-    pattern_logit = torch.randn(1, c, h, w, generator=generator)
+    mask_logit = torch.full((1, 1, h, w), -3.0).add_(0.1 * torch.randn(1, 1, h, w, generator=generator)).to(device)
+    pattern_logit = torch.randn(1, c, h, w, generator=generator).to(device)
     mask_logit.requires_grad_(True)
     pattern_logit.requires_grad_(True)
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=lr, betas=(0.5, 0.9))
-    labels = torch.full((n,), target, dtype=torch.long)
+    labels = torch.full((n,), target, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -71,7 +80,7 @@ def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps
         p.requires_grad_(False)
     try:
         for _ in range(steps):
-            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(device)
             mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
             stamped = (1 - mask) * x[idx] + mask * pattern
             # beta * mean(m), written as the sum over h*w pixels: this order of float32 operations gives the
@@ -80,17 +89,19 @@ def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if progress is not None:
+                progress.advance()
         with torch.no_grad():
             mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-            preds = torch.cat([model(preprocess.from_unit((1 - mask) * x[i:i + 256] + mask * pattern)).argmax(1)
-                               for i in range(0, n, 256)])
+            preds = torch.cat([model(preprocess.from_unit((1 - mask) * x[i:i + eval_batch_size] + mask * pattern)
+                                     ).argmax(1) for i in range(0, n, eval_batch_size)])
             success = float((preds == target).float().mean())
     finally:
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
-    pattern_hwc = (pattern[0].permute(1, 2, 0).numpy() * 255.0).astype(np.float32)
-    mask_hw1 = mask[0].permute(1, 2, 0).numpy().astype(np.float32)
+    pattern_hwc = (pattern[0].permute(1, 2, 0).cpu().numpy() * 255.0).astype(np.float32)
+    mask_hw1 = mask[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
     trigger = MaskTrigger(pattern_array=pattern_hwc, mask_array=mask_hw1)
     return Inversion(target, trigger, float(mask_hw1.sum()), success, time.perf_counter() - start)
 
@@ -104,10 +115,12 @@ def anomaly_indices(norms: np.ndarray) -> np.ndarray:
 
 
 def detect_target(model: torch.nn.Module, data: ImageSet, *, steps: int = DEFAULT_INVERSION_STEPS, seed: int = 0,
-                  classes: list[int] | None = None) -> TargetDetection:
+                  classes: list[int] | None = None, eval_batch_size: int = 256,
+                  progress: StageCounter | None = None) -> TargetDetection:
     """Invert a trigger for every class and pick the class with the smallest successful mask."""
     candidates = classes if classes is not None else list(range(data.num_classes))
-    inversions = {t: invert_trigger(model, data, t, steps=steps, seed=seed) for t in candidates}
+    inversions = {t: invert_trigger(model, data, t, steps=steps, seed=seed, eval_batch_size=eval_batch_size,
+                                    progress=progress) for t in candidates}
     # A mask that does not reach the target is no evidence of a shortcut: count it as full size.
     norms = np.array([inv.mask_l1 if inv.success >= 0.5 else float(data.images[0, ..., 0].size)
                       for inv in inversions.values()])

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import constants  # read at call time: a test lowers MAX_KEY_DIM to reach wide layers on small models
+from ..devices import stats_device
 from ..errors import UnsupportedArchitectureError
 from .capture import capture_activations, get_module, match_layer_names
 from .tracing import traced_head, traced_stages
 
-# The edit keeps four (d, d) float64 matrices per layer and fold: d = 8192 is 0.5 GiB each.
-MAX_KEY_DIM = 8192
-
-__all__ = ["MAX_KEY_DIM", "EditableLayer", "editable_layer", "find_candidates", "Candidates", "resolve_layers", "classifier_name"]
+__all__ = ["key_block", "max_key_dim", "EditableLayer", "editable_layer", "find_candidates", "Candidates",
+           "resolve_layers", "classifier_name"]
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,21 @@ class EditableLayer:
         return self.module.weight[0].numel() + int(self.has_bias)
 
     def weight_matrix(self) -> torch.Tensor:
-        w = self.module.weight.detach().reshape(self.module.weight.shape[0], -1).double()
+        """``W`` (bias as the last column) in float64, where the statistics live (the CPU for MPS)."""
+        where = stats_device(self.module.weight.device)
+        w = self.module.weight.detach().reshape(self.module.weight.shape[0], -1).to(where).double()
         if self.has_bias:
-            w = torch.cat([w, self.module.bias.detach().double()[:, None]], dim=1)
+            w = torch.cat([w, self.module.bias.detach().to(where).double()[:, None]], dim=1)
         return w
 
     @torch.no_grad()
     def set_weight_matrix(self, matrix: torch.Tensor) -> None:
         weight = self.module.weight
         cols = weight[0].numel()
-        weight.copy_(matrix[:, :cols].reshape(weight.shape).to(weight.dtype))
+        # cast before the move: MPS takes no float64
+        weight.copy_(matrix[:, :cols].reshape(weight.shape).to(weight.dtype).to(weight.device))
         if self.has_bias:
-            self.module.bias.copy_(matrix[:, cols].to(self.module.bias.dtype))
+            self.module.bias.copy_(matrix[:, cols].to(self.module.bias.dtype).to(self.module.bias.device))
 
     def keys(self, inputs: torch.Tensor) -> torch.Tensor:
         """Rows of keys ``(M, key_dim)`` from what the layer received, in a fixed per-sample order.
@@ -87,9 +90,12 @@ def editable_layer(model: torch.nn.Module, name: str) -> EditableLayer:
     """Wrap module ``name`` as an editable layer, or refuse it with a message that names it."""
     module = get_module(model, name)
     kind = type(module).__name__
-    if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and _key_dim(module) > MAX_KEY_DIM:
-        raise UnsupportedArchitectureError(f"layer {name} reads {_key_dim(module)} values per key; the edit's "
-                                           f"{_key_dim(module)}^2 Gram matrices would not fit (limit {MAX_KEY_DIM})")
+    if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not _fits(_key_dim(module)):
+        widest = max_key_dim()
+        fitting = [n for n, m in model.named_modules() if n and _is_editable(m)][-4:]
+        hint = f"; layers that fit: {', '.join(fitting)}" if fitting else ""
+        raise UnsupportedArchitectureError(f"layer {name} reads {_key_dim(module)} values per key; even solved in "
+                                           f"blocks the edit's statistics would not fit (limit {widest}){hint}")
     if isinstance(module, torch.nn.Linear):
         return EditableLayer(name, module)
     if isinstance(module, torch.nn.Conv2d):
@@ -113,11 +119,28 @@ def _key_dim(module: torch.nn.Module) -> int:
     return module.weight[0].numel() + int(getattr(module, "bias", None) is not None)
 
 
+def key_block(dim: int) -> int | None:
+    """Keys per diagonal block of the solve: ``None`` (solved whole) up to ``MAX_KEY_DIM``, else
+    ``MAX_KEY_DIM^2 // dim``, so that the statistics of a wider layer take no more memory than a layer at the cap."""
+    if dim <= constants.MAX_KEY_DIM:
+        return None
+    return constants.MAX_KEY_DIM ** 2 // dim
+
+
+def max_key_dim() -> int:
+    """The widest key the engine edits: where the block would fall below ``MIN_KEY_BLOCK``."""
+    return constants.MAX_KEY_DIM ** 2 // constants.MIN_KEY_BLOCK
+
+
+def _fits(dim: int) -> bool:
+    return dim <= max_key_dim()
+
+
 def _is_editable(module: torch.nn.Module) -> bool:
     if isinstance(module, torch.nn.Linear):
-        return _key_dim(module) <= MAX_KEY_DIM
+        return _fits(_key_dim(module))
     return (isinstance(module, torch.nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and _key_dim(module) <= MAX_KEY_DIM)
+            and _fits(_key_dim(module)))
 
 
 def classifier_name(model: torch.nn.Module, sample: torch.Tensor | None = None) -> str:

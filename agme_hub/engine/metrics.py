@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from ..data import ImageSet, Preprocessor
+from ..devices import model_device
+from ..progress import StageCounter
 from ..triggers import Trigger
 
-__all__ = ["Metrics", "predict", "measure", "defense_effectiveness_rating"]
+__all__ = ["Metrics", "predict", "measure", "measured_images", "defense_effectiveness_rating"]
 
 
 @dataclass(frozen=True)
@@ -38,25 +40,36 @@ class Metrics:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: np.ndarray, preprocess: Preprocessor, *,
-            trigger: Trigger | None = None, batch_size: int = 256) -> np.ndarray:
-    """Predicted class of every image (stamped with ``trigger`` first, when given)."""
+            trigger: Trigger | None = None, batch_size: int = 256,
+            progress: StageCounter | None = None) -> np.ndarray:
+    """Predicted class of every image (stamped with ``trigger`` first, when given), on the model's device."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         if trigger is not None:
             batch = trigger.apply(batch)
-        out.append(model(preprocess(batch)).argmax(1).numpy())
+        out.append(model(preprocess(batch).to(device)).argmax(1).cpu().numpy())
+        if progress is not None:
+            progress.advance(len(batch))
     model.train(was_training)
     return np.concatenate(out) if out else np.array([], np.int64)
 
 
+def measured_images(data: ImageSet, *, trigger: Trigger | None = None, target: int | None = None) -> int:
+    """How many forward passes :func:`measure` makes (for progress totals)."""
+    if trigger is None:
+        return len(data)
+    return len(data) + int((data.labels != target).sum() if target is not None else len(data))
+
+
 def measure(model: torch.nn.Module, data: ImageSet, preprocess: Preprocessor, *, trigger: Trigger | None = None,
-            target: int | None = None, batch_size: int = 256) -> Metrics:
+            target: int | None = None, batch_size: int = 256, progress: StageCounter | None = None) -> Metrics:
     """Measure CA, TA, per-class accuracy and, with a trigger and a target, ASR and RA."""
     labels = data.labels
-    pred = predict(model, data.images, preprocess, batch_size=batch_size)
+    pred = predict(model, data.images, preprocess, batch_size=batch_size, progress=progress)
     correct = pred == labels
     per_class = [float(correct[labels == c].mean()) if (labels == c).any() else None for c in range(data.num_classes)]
     target_acc = per_class[target] if target is not None and target < len(per_class) else None
@@ -66,7 +79,8 @@ def measure(model: torch.nn.Module, data: ImageSet, preprocess: Preprocessor, *,
         keep = labels != target if target is not None else np.ones(len(labels), bool)
         n_triggered = int(keep.sum())
         if n_triggered:
-            trig_pred = predict(model, data.images[keep], preprocess, trigger=trigger, batch_size=batch_size)
+            trig_pred = predict(model, data.images[keep], preprocess, trigger=trigger, batch_size=batch_size,
+                                progress=progress)
             ra = float((trig_pred == labels[keep]).mean())
             asr = float((trig_pred == target).mean()) if target is not None else None
     return Metrics(float(correct.mean()), asr, target_acc, ra, per_class, len(labels), n_triggered)

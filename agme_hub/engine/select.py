@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from ..data import ImageSet, Preprocessor
+from ..devices import model_device
+from ..progress import ProgressCallback, StageCounter
 from ..triggers import Trigger
 from .capture import capture_activations
 from .classifier import logits_of
@@ -85,21 +87,24 @@ def _score(ca: float, ta: float, asr: float) -> float:
 def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, target: int,
                     preprocess: Preprocessor, groups: dict[str, list[str]], lams: tuple[float, ...], *,
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
-                    flip: bool, protects: tuple[float | None, ...] = (None,), replay: bool = True
+                    flip: bool, protects: tuple[float | None, ...] = (None,), replay: bool = True,
+                    batch_size: int = 512, progress: ProgressCallback | None = None
                     ) -> tuple[Selection, float, dict[str, GramStats], dict[str, CachedBoundary]]:
     """Leave-one-fold-out over (group, lam, protect); statistics of a fold are subtracted from the total.
 
     Also returns the seconds spent capturing, the statistics over all of D, which the final edit reuses,
     and per group the cached boundary outputs of every augmented copy when they were kept (see
     :data:`KEEP_COPIES_BYTES`). ``replay=False`` runs the whole network for every prediction (the reference).
+    ``batch_size``: images per forward pass (a clean and a triggered image per pair).
     """
     fold_of = _stratified_folds(data.labels, folds, seed)
     names = list(dict.fromkeys(n for group in groups.values() for n in group))
     triggered = trigger.apply(data.images)
     start = time.perf_counter()
+    device = model_device(model)
     plans: dict[str, Replay] = {}
     if replay:
-        sample = preprocess(np.concatenate([data.images[:2], triggered[:2]]))
+        sample = preprocess(np.concatenate([data.images[:2], triggered[:2]])).to(device)
         plans = {g: p for g, layer_names in groups.items() if (p := plan_replay(model, layer_names, sample)) is not None}
     boundaries = list(dict.fromkeys(p.boundary for p in plans.values()))
     per_copy = 2 * len(data) * sum(p.bytes_per_image() for p in {p.boundary: p for p in plans.values()}.values())
@@ -107,10 +112,11 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
     # per boundary and kept copy: the (clean rows, triggered rows) of every batch, in the order of D
     kept: dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {b: [[] for _ in range(keep_copies)]
                                                                       for b in boundaries}
+    captured = StageCounter(progress, "capture", 2 * len(data) * (copies + 1), "images")
     with capture_activations(model, boundaries, retain_input=False, retain_output=True) as keep:
         def run(batch: PairBatch) -> object:
             try:
-                return model(torch.cat([preprocess(batch.clean), preprocess(batch.triggered)]))
+                return model(torch.cat([preprocess(batch.clean), preprocess(batch.triggered)]).to(device))
             finally:  # every boundary precedes the layers whose capture ends the pass early
                 if batch.copy < keep_copies:
                     n = len(batch.labels)
@@ -119,8 +125,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
                         kept[b][batch.copy].append((out[:n], out[n:]))
 
         stats = collect_stats(model, names, augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed,
-                                                            flip=flip),
-                              preprocess, target=target, folds=fold_of, num_folds=folds, run=run)
+                                                            flip=flip, batch_size=max(1, batch_size // 2)),
+                              preprocess, target=target, folds=fold_of, num_folds=folds, run=run, progress=captured)
     cached = {group: CachedBoundary(plan, [torch.cat([c for c, _ in batches]) for batches in kept[plan.boundary]],
                                     [torch.cat([t for _, t in batches]) for batches in kept[plan.boundary]])
               for group, plan in plans.items()}
@@ -128,6 +134,7 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
     total = {n: sum(s[1:], s[0]) for n, s in stats.items()}
     trial = copy.deepcopy(model)
     table = []
+    trials = StageCounter(progress, "selection", len(groups) * len(lams) * len(protects) * folds, "trial edits")
     for group, layer_names in groups.items():
         boundary = cached.get(group)
         # Each trial edit rewrites every layer of the group from its original weights: restoring the whole
@@ -144,11 +151,12 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, ta
                 apply_edit(trial, {n: total[n] - stats[n][fold] for n in layer_names}, lam=lam, gamma=gamma,
                            target_weight=target_weight, protect=protect, original=w0)
                 if boundary is not None:
-                    clean_pred[held] = _predict_replayed(trial, boundary.plan, boundary.clean[0][held])
-                    trig_pred[held] = _predict_replayed(trial, boundary.plan, boundary.triggered[0][held])
+                    clean_pred[held] = _predict_replayed(trial, boundary.plan, boundary.clean[0][held], batch_size)
+                    trig_pred[held] = _predict_replayed(trial, boundary.plan, boundary.triggered[0][held], batch_size)
                 else:
-                    clean_pred[held] = predict(trial, data.images[held], preprocess)
-                    trig_pred[held] = predict(trial, triggered[held], preprocess)
+                    clean_pred[held] = predict(trial, data.images[held], preprocess, batch_size=batch_size)
+                    trig_pred[held] = predict(trial, triggered[held], preprocess, batch_size=batch_size)
+                trials.advance()
             is_target = data.labels == target
             ca = float((clean_pred == data.labels).mean())
             ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..constants import WEIGHTS_NAME, cache_dir
 from ..data import ImageSet, Preprocessor, balanced_indices, load_images
+from ..devices import model_device, resolve_device
 from ..engine.classifier import as_classifier
 from ..engine.metrics import Metrics, measure
 from ..errors import ClassMismatchError, UsageError
@@ -122,12 +123,15 @@ def _progress(enabled: bool):  # type: ignore[no-untyped-def]
 
 def train_backdoored(config: BackdoorConfig, *, out_dir: str | Path | None = None, progress: bool = False,
                      overwrite: bool = False, model: torch.nn.Module | None = None,
-                     preprocess: Preprocessor | None = None) -> BackdoorResult:
+                     preprocess: Preprocessor | None = None, device: str | None = None) -> BackdoorResult:
     """Train a backdoored model; write it (timm or transformers format) when ``out_dir`` is given.
 
     ``model`` trains your own module instead of building ``config.arch`` (any ``nn.Module`` mapping images to
     logits; ``preprocess`` says how raw images become its input). Such a model is not written to ``out_dir``.
+    ``device`` is where it trains (``None``: the CPU); not a field of the config, so that cached models keep
+    their keys. The returned model is back on the CPU (a given model: where it was).
     """
+    run_on = resolve_device(device) if device is not None else torch.device("cpu")
     if config.format not in {"timm", "transformers"}:
         raise UsageError(f"format must be timm or transformers, got {config.format!r}")
     if model is not None and out_dir is not None:
@@ -164,8 +168,10 @@ def train_backdoored(config: BackdoorConfig, *, out_dir: str | Path | None = Non
         model = create_classifier(config.arch, num_classes=train.num_classes, in_chans=in_chans,
                                   img_size=config.img_size, mean=mean, std=std, model_args=config.model_args)
     preprocess = Preprocessor.from_model(model)
-    inputs = torch.cat([preprocess(poisoned.images[i:i + 4096]) for i in range(0, len(poisoned), 4096)])
-    targets = torch.as_tensor(poisoned.labels)
+    inputs = torch.cat([preprocess(poisoned.images[i:i + 4096]) for i in range(0, len(poisoned), 4096)]).to(run_on)
+    targets = torch.as_tensor(poisoned.labels).to(run_on)
+    home = model_device(model)
+    model.to(run_on)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps = config.epochs * ((len(inputs) + config.batch_size - 1) // config.batch_size)
@@ -188,6 +194,7 @@ def train_backdoored(config: BackdoorConfig, *, out_dir: str | Path | None = Non
     model.eval()
     seconds = time.perf_counter() - start
     metrics = measure(model, test, preprocess, trigger=trigger, target=config.target)
+    model.to(home)
     result = BackdoorResult(given if given is not None else model, config, list(train.label_names), metrics, seconds)
     if out_dir is not None:
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 
 from ..app import Reporter, run_clean
+from ..devices import resolve_device
 from ..options import CleanOptions
+from ..progress import ProgressCallback
 from ..report import CleanReport
 from .backdoor import BackdoorConfig, cached_backdoored
 
@@ -28,11 +30,18 @@ def demo_model_dir() -> Path:
 
 
 def run_demo(*, out: str | os.PathLike[str] | None = None, per_class: int = 10,
-             report: Reporter | None = None) -> CleanReport:
-    """Backdoor (or reuse) a ResNet on Fashion-MNIST, clean it with ``per_class`` images per class."""
+             report: Reporter | None = None, device: str = "auto", batch_size: int | None = None,
+             progress: ProgressCallback | None = None) -> CleanReport:
+    """Backdoor (or reuse) a ResNet on Fashion-MNIST, clean it with ``per_class`` images per class.
+
+    ``device`` and ``batch_size`` are the clean's (checked before anything is trained); the demo model is
+    trained once, on the CPU, and cached.
+    """
+    options = CleanOptions(data="fashion-mnist", trigger=str(DEMO_BACKDOOR["trigger"]), target="0",
+                           per_class=per_class, out=str(out or Path.cwd() / "fashion-mnist-demo-agme"),
+                           device=device, batch_size=batch_size)
+    resolve_device(options.device)  # a missing GPU fails before the training
     say = report or (lambda line: None)
     say("training (or reusing) the backdoored demo model")
     folder = demo_model_dir()
-    options = CleanOptions(data="fashion-mnist", trigger=str(DEMO_BACKDOOR["trigger"]), target="0",
-                           per_class=per_class, out=str(out or Path.cwd() / "fashion-mnist-demo-agme"))
-    return run_clean(str(folder), options, report=report)
+    return run_clean(str(folder), options, report=report, progress=progress)

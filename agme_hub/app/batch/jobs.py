@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ...data import BUILTIN_DATASETS
-from ...errors import AgmeError, JobsFileError, UsageError
+from ...errors import AgmeError, DeviceError, JobsFileError, UsageError
 from ...options import CleanOptions
 from ...triggers import parse_trigger
 
@@ -124,7 +124,7 @@ def _fields(values: Any, label: str, *, allowed: Sequence[str]) -> dict[str, Any
 def _options(values: dict[str, Any], label: str) -> CleanOptions:
     try:
         options = CleanOptions.from_dict(values, where=label)
-    except UsageError as err:
+    except (UsageError, DeviceError) as err:  # a device spec is checked here; whether it is present, when the job runs
         message = str(err)
         raise JobsFileError(message if message.startswith(label) else f"{label}: {message}") from None
     if options.trigger is not None:

@@ -47,7 +47,8 @@ def _run_defence(name: str, model: torch.nn.Module, edit: ImageSet, trigger_spec
         given = trigger_spec if knowledge == "trigger+target" else None
         with PeakMemory() as mem:
             start = time.perf_counter()
-            result = clean(model, edit, trigger=given, target=target, method=method)
+            result = clean(model, edit, trigger=given, target=target, method=method, device=config.device,
+                           batch_size=config.batch_size)
             seconds = time.perf_counter() - start
         t = result.timings
         out.update(defended=result.model, applicable=True, reason="", seconds=seconds,
@@ -81,7 +82,8 @@ def _cell_rows(model: torch.nn.Module, before: Metrics, edit: ImageSet, evalset:
                ) -> list[dict[str, Any]]:
     seed = base["seed"]
     floor_seconds, floor_images = forward_floor(model, edit, parse_trigger(trigger_spec), seed=seed,
-                                                copies=config.agme_options.get("augment_copies"))
+                                                copies=config.agme_options.get("augment_copies"),
+                                                device=config.device, batch_size=config.batch_size)
     rows = []
     for name in config.defences:
         label, knowledge, repair = DEFENCES[name]

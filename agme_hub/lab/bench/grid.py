@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...devices import check_device_spec
 from ...errors import UsageError
 from ...options import MethodOptions
 from ...triggers import PRESETS
@@ -83,6 +84,8 @@ class BenchConfig:
     img_size: int = 32
     eval_per_class: int = 100  # fixed held-out evaluation images per class
     threads: int | None = 1  # torch intra-op threads; None leaves torch's default
+    device: str | None = None  # where agme's rows and the floor run (auto, cpu, cuda, ...); None: the CPU (baselines too)
+    batch_size: int | None = None  # images per forward pass of agme and the floor; None: sized to the device
     min_asr: float = 0.8  # below: the backdoor did not take; the cell is marked and not defended
     warn_asr: float = 0.9
     model_cache: str | None = None  # None: agme's cache dir / "bench"
@@ -92,6 +95,8 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         MethodOptions.with_overrides(**self.agme_options)  # an unknown or bad knob fails here, not mid-run
+        if self.device is not None:
+            check_device_spec(self.device)
         unknown = [d for d in self.defences if d not in DEFENCES]
         if unknown:
             raise UsageError(f"unknown defence(s) {', '.join(unknown)}: choose from {', '.join(DEFENCES)}")

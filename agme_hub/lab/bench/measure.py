@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import threading
@@ -11,6 +12,7 @@ import torch
 
 from ...constants import DEFAULT_AUGMENT_COPIES
 from ...data import ImageSet, Preprocessor
+from ...devices import model_device, pick_batch_size, resolve_device, synchronize
 from ...engine.edit import augmented_pairs
 from ...triggers import Trigger
 
@@ -95,18 +97,26 @@ class PeakMemory:
 
 @torch.inference_mode()
 def forward_floor(model: torch.nn.Module, data: ImageSet, trigger: Trigger, *, copies: int | None = None,
-                  seed: int = 0) -> tuple[float, int]:
+                  seed: int = 0, device: str | None = None, batch_size: int | None = None) -> tuple[float, int]:
     """Seconds of plain forward passes over D and T(D) with the engine's augmented copies; and the image count.
 
-    The images are the ones the edit reads (same augmentation, same pairing, same batches); building them
-    is not timed, only the passes, so this is the floor any method that looks at these activations pays.
+    The images are the ones the edit reads (same augmentation, same pairing, same batches, on the same
+    device as ``agme_hub.clean(..., device=device, batch_size=batch_size)``); building them and moving them
+    to the device is not timed, only the passes, so this is the floor any method that looks at these
+    activations pays.
     """
     copies = DEFAULT_AUGMENT_COPIES if copies is None else copies
     preprocess = Preprocessor.from_model(model)
+    run_on = resolve_device(device) if device is not None else model_device(model)
+    if run_on != model_device(model):
+        model = copy.deepcopy(model).to(run_on)
     model.eval()
-    batches = [torch.cat([preprocess(b.clean), preprocess(b.triggered)])
-               for b in augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed)]
+    pairs = max(1, pick_batch_size(batch_size, run_on, preprocess.input_size) // 2)
+    batches = [torch.cat([preprocess(b.clean), preprocess(b.triggered)]).to(run_on)
+               for b in augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed, batch_size=pairs)]
+    synchronize(run_on)
     start = time.perf_counter()
     for x in batches:
         model(x)
+    synchronize(run_on)  # CUDA runs asynchronously: wait for the passes before reading the clock
     return time.perf_counter() - start, sum(len(x) for x in batches)
