@@ -207,7 +207,8 @@ def test_unpaired_folder_is_one_line_exit_8_and_writes_nothing(case, pair_folder
 
     assert not (tmp_path / "out").exists()
     expected = {"missing twin": "00001.png has no twin", "extra twin": "99999.png has no clean twin",
-                "other size": "is 32x32x1", "two twins of one name": "are both the twin", "not a folder": "not a folder"}
+                "other size": "is 32x32x1", "two twins of one name": "are both the twin",
+                "not a folder": "not a folder"}
     assert expected[case] in line
 
 
