@@ -494,7 +494,7 @@ def bench(
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (0..N-1).")] = None,
     datasets: Annotated[Optional[list[str]], typer.Option("--datasets", help="Override: fashion-mnist, mnist (repeat).")] = None,
     archs: Annotated[Optional[list[str]], typer.Option("--archs", help="Override: resnet10t, convnext, mobilenetv3 (repeat).")] = None,
-    triggers: Annotated[Optional[list[str]], typer.Option("--triggers", help="Override: preset names, blend, image, additive, lsb or specs (repeat).")] = None,
+    triggers: Annotated[Optional[list[str]], typer.Option("--triggers", help="Override: preset names, blend, image, additive, lsb, warp or specs (repeat).")] = None,
     budgets: Annotated[Optional[list[int]], typer.Option("--budgets", help="Override: clean images per class (repeat).")] = None,
     defences: Annotated[Optional[list[str]], typer.Option("--defences", help="Override: agme-bdk, agme-nobdk, ..., ft, fp, clp, nc, ftsam (repeat).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is fastest for these small models on a shared CPU).")] = 1,

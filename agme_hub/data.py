@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ClassMismatchError, DataError, DatasetNotInstalledError, ShapeMismatchError, UsageError
+from .errors import (ClassMismatchError, DataError, DatasetNotInstalledError, PairedDataError, ShapeMismatchError,
+                     UsageError)
 
 __all__ = [
-    "ImageSet", "Preprocessor", "load_images", "load_image_folder", "load_npz", "load_builtin",
+    "ImageSet", "Preprocessor", "load_images", "load_image_folder", "load_paired_folders", "load_npz", "load_builtin",
     "BUILTIN_DATASETS", "balanced_indices", "split_edit_eval",
 ]
 
@@ -230,13 +231,8 @@ def _read_image(file: Path) -> np.ndarray:
         raise DataError(f"cannot read image {file}: {first}") from None
 
 
-def load_image_folder(path: str | os.PathLike[str], label_names: list[str] | None = None) -> ImageSet:
-    """Load a folder with one sub-folder per class.
-
-    Sorted sub-folder names give the class indices, unless ``label_names`` (from the model config) is
-    given: then each sub-folder must be one of those names and takes its index.
-    """
-    root = Path(path)
+def _class_folders(root: Path, label_names: list[str] | None) -> tuple[list[str], list[str], dict[str, int]]:
+    """The class sub-folders of ``root``, the class names and each sub-folder's class index."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not classes:
         raise DataError(f"{root}: expected one sub-folder per class, found none")
@@ -245,25 +241,83 @@ def load_image_folder(path: str | os.PathLike[str], label_names: list[str] | Non
         if unknown:
             raise ClassMismatchError(f"{root}: sub-folder {unknown[0]!r} is not a class of the model "
                                      f"({', '.join(label_names[:10])}{'...' if len(label_names) > 10 else ''})")
-        names, index = list(label_names), {c: label_names.index(c) for c in classes}
-    else:
-        names, index = classes, {c: i for i, c in enumerate(classes)}
-    images, labels = [], []
-    for cls in classes:
-        for file in sorted((root / cls).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            images.append(_read_image(file))
-            labels.append(index[cls])
-    if not images:
-        raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class sub-folders")
+        return classes, list(label_names), {c: label_names.index(c) for c in classes}
+    return classes, classes, {c: i for i, c in enumerate(classes)}
+
+
+def _image_files(root: Path, classes: list[str]) -> list[Path]:
+    """The image files of the class sub-folders, sorted, relative to ``root``."""
+    return [file.relative_to(root) for cls in classes for file in sorted((root / cls).iterdir())
+            if file.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _stack(root: Path, images: list[np.ndarray]) -> np.ndarray:
     shapes = {im.shape for im in images}
     if len({s[:2] for s in shapes}) > 1:
         raise ShapeMismatchError(f"{root}: images have different sizes ({', '.join(sorted(map(str, shapes))[:3])}); "
                                  "resize them to one size first")
     if len(shapes) > 1:  # a mix of grey and colour: make all colour
         images = [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im for im in images]
-    return ImageSet(np.stack(images), np.array(labels), names, root.name)
+    return np.stack(images)
+
+
+def load_image_folder(path: str | os.PathLike[str], label_names: list[str] | None = None) -> ImageSet:
+    """Load a folder with one sub-folder per class.
+
+    Sorted sub-folder names give the class indices, unless ``label_names`` (from the model config) is
+    given: then each sub-folder must be one of those names and takes its index.
+    """
+    root = Path(path)
+    classes, names, index = _class_folders(root, label_names)
+    files = _image_files(root, classes)
+    if not files:
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class sub-folders")
+    images = _stack(root, [_read_image(root / file) for file in files])
+    return ImageSet(images, np.array([index[file.parts[0]] for file in files]), names, root.name)
+
+
+def load_paired_folders(clean: str | os.PathLike[str], triggered: str | os.PathLike[str], *,
+                        label_names: list[str] | None = None) -> tuple[ImageSet, np.ndarray]:
+    """Clean images (a class-folder tree) and their triggered twins: ``(clean set, twins aligned with it)``.
+
+    ``triggered`` mirrors ``clean``: the twin of ``cls/name.jpg`` is ``cls/name.<any image suffix>`` (a twin
+    may be saved losslessly as PNG). A clean image without a twin, a twin without a clean image, two twins
+    of one name or a twin of another size is a :class:`PairedDataError`.
+    """
+    clean_root, twin_root = Path(clean), Path(triggered)
+    if not clean_root.is_dir():
+        raise PairedDataError(f"--triggered-data pairs images by file name, so --data must be an image folder; "
+                              f"{clean} is not one")
+    if not twin_root.is_dir():
+        raise PairedDataError(f"--triggered-data {triggered} is not a folder")
+    dataset = load_image_folder(clean_root, label_names)
+    classes = sorted(p.name for p in twin_root.iterdir() if p.is_dir())
+    twins: dict[Path, Path] = {}
+    for file in _image_files(twin_root, classes):
+        key = file.with_suffix("")
+        if key in twins:
+            raise PairedDataError(f"{twin_root}: {twins[key]} and {file} are both the twin of {key}; keep one")
+        twins[key] = file
+    files = _image_files(clean_root, _class_folders(clean_root, label_names)[0])  # in the order of ``dataset``
+    missing = [f for f in files if f.with_suffix("") not in twins]
+    extra = sorted(set(twins) - {f.with_suffix("") for f in files})
+    if missing or extra:
+        first = (f"{clean_root / missing[0]} has no twin in {twin_root}" if missing
+                 else f"{twin_root / twins[extra[0]]} has no clean twin in {clean_root}")
+        raise PairedDataError(f"the triggered images do not pair with the clean ones by file name: {first} "
+                              f"({len(missing)} without a twin, {len(extra)} twins without a clean image)")
+    images = []
+    for file, image in zip(files, dataset.images):
+        twin = _read_image(twin_root / twins[file.with_suffix("")])
+        if twin.ndim == 2 and image.shape[-1] == 3:  # a grey twin of a colour image: as load_image_folder does
+            twin = np.repeat(twin[..., None], 3, axis=2)
+        twin = twin[..., None] if twin.ndim == 2 else twin
+        if twin.shape != image.shape:
+            raise PairedDataError(f"{twin_root / twins[file.with_suffix('')]} is {twin.shape[1]}x{twin.shape[0]}x"
+                                  f"{twin.shape[2]}, its clean twin {clean_root / file} is {image.shape[1]}x"
+                                  f"{image.shape[0]}x{image.shape[2]}")
+        images.append(twin)
+    return dataset, np.stack(images)
 
 
 def load_images(spec: str | os.PathLike[str], *, label_names: list[str] | None = None, split: str = "test") -> ImageSet:

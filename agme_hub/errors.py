@@ -7,7 +7,8 @@ with ``error.exit_code``. Messages say what went wrong and what to do next.
 from __future__ import annotations
 
 __all__ = [
-    "AgmeError", "UsageError", "DataError", "DatasetNotInstalledError", "TriggerSpecError",
+    "AgmeError", "UsageError", "DataError", "DatasetNotInstalledError", "PairedDataError", "TriggerSpecError",
+    "TriggerCallableError",
     "ShapeMismatchError", "ClassMismatchError", "UnsupportedFormatError", "UnsupportedArchitectureError",
     "PickleRefusedError", "LayerNotFoundError", "MissingExtraError", "DeviceError", "RepoNotFoundError",
     "GatedRepoError", "UnauthorizedError", "RevisionNotFoundError", "OfflineCacheMissError", "NetworkError",
@@ -48,10 +49,24 @@ class DatasetNotInstalledError(DataError):
     exit_code = 4
 
 
+class PairedDataError(DataError):
+    """Raised when triggered images do not pair with the clean ones (a missing or extra twin, another size),
+    or when a paired trigger is asked for the twin of an image it was not given."""
+
+    exit_code = 8
+
+
 class TriggerSpecError(AgmeError, ValueError):
     """Raised when a trigger spec cannot be parsed or its pattern/mask cannot be used."""
 
     exit_code = 5
+
+
+class TriggerCallableError(TriggerSpecError):
+    """Raised when a trigger given as the user's own function cannot be imported, raises, or returns other than
+    uint8 images of the shape it was given."""
+
+    exit_code = 9
 
 
 class ShapeMismatchError(AgmeError, ValueError):

@@ -149,8 +149,12 @@ class CleanOptions:
     per_class: int = _opt(10, "Images per class of --data used for editing.", group="Data")
     eval_per_class: int | None = _opt(None, "Cap the evaluation images per class (default: all).", group="Data")
     # Backdoor
-    trigger: str | None = _opt(None, "The known trigger (spec, preset or JSON/YAML file): with-knowledge mode. "
-                                     "Without it a surrogate trigger is reconstructed.", group="Backdoor")
+    trigger: str | None = _opt(None, "The known trigger (spec, preset, JSON/YAML file, or python:pkg.module:function "
+                                     "for your own function of uint8 images): with-knowledge mode. Without it a "
+                                     "surrogate trigger is reconstructed.", group="Backdoor")
+    triggered_data: str | None = _opt(None, "Triggered twins of the --data images (a folder paired by file name: "
+                                            "CLASS/NAME.*), used instead of --trigger; the attack success is measured "
+                                            "on the held-out pairs.", group="Backdoor", path=True)
     target: str | None = _opt(None, "Target class (index or label name); detected when omitted.", group="Backdoor")
     # Method: declared in MethodOptions
     repair: bool = _method("repair")
@@ -201,6 +205,12 @@ class CleanOptions:
             raise UsageError(f"--push-to must be a Hub repo id ORG/NAME, got {self.push_to!r}")
         if self.create_pr and not self.push_to:
             raise UsageError("--create-pr needs --push-to")
+        if self.triggered_data and self.trigger is not None:
+            raise UsageError("give the trigger once: --trigger or --triggered-data, not both")
+        if self.triggered_data and self.eval_data:
+            # the attack success needs a triggered twin of every evaluation image: the held-out pairs have one
+            raise UsageError("--triggered-data measures the attack success on the held-out pairs of --data; "
+                             "--eval-data has no triggered twins: leave it out")
 
     @property
     def method(self) -> MethodOptions:

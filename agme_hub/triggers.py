@@ -9,6 +9,10 @@ for a given seed::
 Kinds: ``patch`` (BadNets), ``blend``, ``image`` (pattern + grey-level mask, the general form),
 ``additive`` (bounded full-image perturbation, the form of Narcissus-style triggers) and ``lsb``
 (an invisible least-significant-bit code). ``PRESETS`` holds the six BadNets variants.
+
+Two forms are not stamps described by fields (:mod:`agme_hub.trigger_forms`): ``python:pkg.module:function``
+(or a Python function) is the user's own transform, e.g. a warp, and a ``PairedTrigger`` holds triggered
+twins given as images (``--triggered-data``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
@@ -28,7 +33,7 @@ from .errors import ShapeMismatchError, TriggerSpecError
 
 __all__ = [
     "Trigger", "MaskTrigger", "PatchTrigger", "BlendTrigger", "ImageTrigger", "AdditiveTrigger", "LSBTrigger",
-    "parse_trigger", "PRESETS", "TRIGGER_KINDS",
+    "parse_trigger", "PRESETS", "TRIGGER_KINDS", "CALLABLE_PREFIX",
 ]
 
 _HEX_COLOUR = re.compile(r"^#[0-9a-f]{6}$")
@@ -123,6 +128,9 @@ class Trigger:
     """Base class: ``apply`` stamps a uint8 batch; ``spec`` is the canonical spec string."""
 
     kind: ClassVar[str] = ""
+    # False for a trigger known only on given images (PairedTrigger): the engine cannot stamp an augmented
+    # copy, so it augments each clean image and its twin together (engine.edit.augmented_pairs).
+    applies_to_any_image: ClassVar[bool] = True
 
     @property
     def spec(self) -> str:
@@ -356,6 +364,9 @@ class MaskTrigger(Trigger):
         return f"image:pattern={folder / 'surrogate_pattern.png'},mask={folder / 'surrogate_mask.png'}"
 
 
+CALLABLE_PREFIX = "python:"  # the one spec that imports code (trigger_forms.CallableTrigger): named explicitly
+CALLABLE_REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
 TRIGGER_KINDS: dict[str, type[Trigger]] = {
     cls.kind: cls for cls in (PatchTrigger, BlendTrigger, ImageTrigger, AdditiveTrigger, LSBTrigger)
 }
@@ -444,10 +455,17 @@ def _validate(trigger: Trigger) -> None:
         raise TriggerSpecError(f"lsb bits must be 1..4, got {trigger.bits}")
 
 
-def parse_trigger(spec: str | os.PathLike[str] | dict[str, Any] | Trigger) -> Trigger:
-    """Parse a spec string, a preset name, a dict, or a ``.json``/``.yaml`` file with a ``kind`` field."""
+def parse_trigger(spec: str | os.PathLike[str] | dict[str, Any] | Trigger | Callable[[np.ndarray], np.ndarray]
+                  ) -> Trigger:
+    """Parse a spec string, a preset name, a dict, a ``.json``/``.yaml`` file with a ``kind`` field,
+    ``python:pkg.module:function`` or a function (:class:`CallableTrigger`)."""
     if isinstance(spec, Trigger):
         return spec
+    if callable(spec) or str(spec).strip().startswith(CALLABLE_PREFIX):
+        # trigger_forms builds on Trigger, defined here: importing it at the top would be a cycle
+        from .trigger_forms import CallableTrigger
+
+        return CallableTrigger.from_function(spec) if callable(spec) else CallableTrigger.from_spec(str(spec))
     if isinstance(spec, dict):
         values = {str(k).lower(): v for k, v in spec.items()}
         kind = str(values.pop("kind", values.pop("type", "")))
@@ -473,4 +491,10 @@ def parse_trigger(spec: str | os.PathLike[str] | dict[str, Any] | Trigger) -> Tr
     kind, _, body = text.partition(":")
     if not kind:
         raise TriggerSpecError("empty trigger spec: e.g. patch:size=3,pos=bottom-right,fill=white")
+    if kind.strip().lower() not in TRIGGER_KINDS:
+        if CALLABLE_REFERENCE.fullmatch(text):  # never imported without the prefix: running code is asked for by name
+            raise TriggerSpecError(f"unknown trigger kind {kind!r}: to use your own function write "
+                                   f"{CALLABLE_PREFIX}{text}")
+        if kind.strip().lower() == "paired":
+            raise TriggerSpecError("a paired trigger is not a spec: pass the triggered images with --triggered-data")
     return _build(kind.strip().lower(), _split_fields(body))

@@ -25,7 +25,7 @@ import torch
 
 from .._version import __version__
 from ..constants import CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
-from ..data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
+from ..data import ImageSet, Preprocessor, balanced_indices, load_images, load_paired_folders, split_edit_eval
 from ..devices import pick_batch_size, resolve_device
 from ..engine import clean, inspect_layers
 from ..engine.layers import resolve_layers
@@ -42,7 +42,8 @@ from ..options import CleanOptions
 from ..progress import ProgressCallback, StageCounter
 from ..report import (CleanReport, DataRecord, Evaluation, MethodRecord, MetricValues, PlannedPush, Provenance,
                       PushRecord, SourceInfo, TargetRecord, TriggerRecord)
-from ..triggers import MaskTrigger, parse_trigger
+from ..trigger_forms import PairedTrigger
+from ..triggers import MaskTrigger, Trigger, parse_trigger
 
 __all__ = ["run_clean", "push_output", "inspect_source", "evaluate_source",
            "resolve_target", "default_output_dir", "library_versions", "SURROGATE_DIR",
@@ -88,7 +89,7 @@ def default_output_dir(resolved: ResolvedSource) -> Path:
 def _check_output(out: Path, options: CleanOptions, *, source_dir: str | os.PathLike[str] | None) -> None:
     """Everything about ``--out`` that can fail, checked before any download or model run."""
     check_output_overlap(out, {"source model": source_dir, "data": options.data, "evaluation data": options.eval_data,
-                               "trigger file": options.trigger})
+                               "trigger file": options.trigger, "triggered data": options.triggered_data})
     check_output_writable(out)
     check_output_dir(out, yes=options.yes)
 
@@ -105,18 +106,28 @@ def _check_classes(edit_set: ImageSet, eval_set: ImageSet, target: int | None, h
                         "measured; pass --eval-data with images of other classes")
 
 
-def _load_data(options: CleanOptions, label_names: list[str]) -> tuple[ImageSet, ImageSet, str]:
-    data = load_images(options.data, label_names=label_names)
+def _load_data(options: CleanOptions, label_names: list[str]) -> tuple[ImageSet, ImageSet, str, PairedTrigger | None]:
+    """The edit images, the evaluation images, what the latter are, and the trigger of ``--triggered-data``.
+
+    The paired trigger holds the twins of all of ``--data``: the edit uses those of the edit images, and the
+    attack success is measured on the held-out pairs (``--eval-data`` is refused with it: no twins).
+    """
+    paired = None
+    if options.triggered_data:
+        data, twins = load_paired_folders(options.data, options.triggered_data, label_names=label_names)
+        paired = PairedTrigger.from_pairs(data.images, twins, source=options.triggered_data)
+    else:
+        data = load_images(options.data, label_names=label_names)
     if options.eval_data:
         edit = data.subset(balanced_indices(data.labels, options.per_class, seed=options.seed), f"{options.data}")
         evaluation = load_images(options.eval_data, label_names=label_names)
         if options.eval_per_class:
             evaluation = evaluation.subset(balanced_indices(evaluation.labels, options.eval_per_class,
                                                             seed=options.seed + 1))
-        return edit, evaluation, f"{options.eval_data} ({len(evaluation)} images)"
+        return edit, evaluation, f"{options.eval_data} ({len(evaluation)} images)", paired
     edit, evaluation = split_edit_eval(data, options.per_class, seed=options.seed,
                                        eval_per_class=options.eval_per_class)
-    return edit, evaluation, f"held-out part of {options.data} (not used for editing)"
+    return edit, evaluation, f"held-out part of {options.data} (not used for editing)", paired
 
 
 def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = None,
@@ -135,7 +146,8 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
     start = time.perf_counter()
     if not options.data:
         raise UsageError("--data is required: an image folder, an .npz or a built-in dataset name")
-    trigger = parse_trigger(options.trigger) if options.trigger is not None else None
+    trigger: Trigger | None = parse_trigger(options.trigger) if options.trigger is not None else None
+    known = trigger is not None or bool(options.triggered_data)  # a paired trigger is built with the data, below
     device = resolve_device(options.device)  # a missing GPU fails now, before any download or output
     local_source = Path(source.removeprefix("local-dir:")).expanduser()
     if options.out and not options.dry_run:  # before any download: a bad --out must not cost a pull
@@ -154,8 +166,8 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
         agme_version=__version__, status="running", source=source, source_kind=resolved.kind,
         revision=resolved.revision, base_model=resolved.repo_id, license=resolved.license,
         architecture=config.get("architecture"), num_classes=len(names), label_names=names,
-        format=config.get("format", "timm"), mode="bdk" if trigger is not None else "no-bdk",
-        trigger=TriggerRecord(spec=trigger.spec if trigger else None, kind="given" if trigger else None),
+        format=config.get("format", "timm"), mode="bdk" if known else "no-bdk",
+        trigger=TriggerRecord(spec=trigger.spec if trigger else None, kind="given" if known else None),
         options={k: (list(v) if isinstance(v, tuple) else v) for k, v in options.public_dict().items()},
         output_dir=str(out), command=shlex.join(["agme", *options.to_cli_args(source)]),
     )
@@ -164,7 +176,10 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
 
     say(f"loading the model onto {device}")
     model = load_model(resolved.local_dir, allow_pickle=options.allow_pickle).to(device)
-    edit_set, eval_set, eval_what = _load_data(options, names)
+    edit_set, eval_set, eval_what, paired = _load_data(options, names)
+    if paired is not None:
+        trigger = paired
+        base = base.replace(trigger=TriggerRecord(spec=paired.spec, kind="given"))
     _check_classes(edit_set, eval_set, target, trigger is not None)
     if trigger is not None:  # a trigger that does not fit these images fails now, not after the clean
         trigger.apply(edit_set.images[:1])
@@ -209,7 +224,8 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
                             selection=result.selection.describe() if result.selection else "given by the user"),
         before=MetricValues.of(before), after=MetricValues.of(after),
         after_without_repair=MetricValues.of(without_repair) if without_repair else None,
-        asr_measured_with=("given trigger" if trigger is not None
+        asr_measured_with=("triggered twins of the held-out images (--triggered-data)" if paired is not None
+                           else "given trigger" if trigger is not None
                            else "surrogate trigger (reconstructed, not the real one)"),
     )
     if trigger is None:
@@ -278,7 +294,7 @@ def _dry_run_report(base: CleanReport, resolved: ResolvedSource, options: CleanO
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, REPORT_NAME]
     if base.format == "transformers":
         files.insert(2, PROCESSOR_CONFIG_NAME)
-    if options.trigger is None:
+    if options.trigger is None and not options.triggered_data:
         files += [f"{SURROGATE_DIR}/surrogate_pattern.png", f"{SURROGATE_DIR}/surrogate_mask.png"]
     return base.replace(status="dry-run", candidate_layers=layers, files=files, source_files=list(resolved.files),
                         push=PlannedPush(repo_id=options.push_to, create_pr=options.create_pr) if options.push_to

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +108,8 @@ class _LayerChoice:
     capture_seconds: float | None
 
 
-def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | None = None, target: int | None = None,
+def clean(model: torch.nn.Module, data: ImageSet, *,
+          trigger: str | Trigger | Callable[[np.ndarray], np.ndarray] | None = None, target: int | None = None,
           method: MethodOptions | None = None, inplace: bool = False, preprocess: Preprocessor | None = None,
           device: str | torch.device | None = None, batch_size: int | None = None,
           progress: ProgressCallback | None = None, replay: bool = True, **overrides: Any) -> CleanResult:
@@ -117,7 +119,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         model: any ``nn.Module`` mapping images to logits (timm, transformers, torchvision, your own); left
             untouched unless ``inplace``. The result's model is of the same kind.
         data: the clean, unseen images used for editing (raw, with labels).
-        trigger: the known trigger (BDK mode); ``None`` reconstructs a surrogate (no-BDK mode).
+        trigger: the known trigger (BDK mode): a spec, a :class:`Trigger` (e.g. a ``PairedTrigger`` of triggered
+            twins of ``data``) or a function of uint8 images; ``None`` reconstructs a surrogate (no-BDK mode).
         target: the target class; ``None`` detects it (from the trigger, or by inversion of every class).
         method: the method's knobs (repair, layers, lam, gamma, ...; see :class:`MethodOptions`);
             ``None``: the defaults.

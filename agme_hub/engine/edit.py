@@ -160,32 +160,50 @@ class PairBatch:
     copy: int = 0  # 0: D itself; 1..copies: an augmented copy
 
 
-def _augment(images: np.ndarray, rng: np.random.Generator, *, shift: int, flip: bool, noise: float) -> np.ndarray:
-    """Random shifts of up to ``shift`` px (edge-replicated), optional horizontal flips, small pixel noise."""
+def _augment(images: np.ndarray, rng: np.random.Generator, *, shift: int, flip: bool, noise: float,
+             twins: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Random shifts of up to ``shift`` px (edge-replicated), optional horizontal flips, small pixel noise.
+
+    ``twins`` (triggered twins of ``images``) get the very same shifts, flips and noise.
+    """
     n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
-    out = np.empty_like(images)
     dy, dx = rng.integers(0, 2 * shift + 1, n), rng.integers(0, 2 * shift + 1, n)
-    for i in range(n):
-        out[i] = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-    if flip:
-        flips = rng.random(n) < 0.5
-        out[flips] = out[flips, :, ::-1]
-    if noise > 0:
-        out = np.clip(out + rng.normal(0, noise, out.shape), 0, 255).astype(np.uint8)
-    return out
+    flips = rng.random(n) < 0.5 if flip else None
+    pixel_noise = rng.normal(0, noise, images.shape) if noise > 0 else None
+
+    def move(batch: np.ndarray) -> np.ndarray:
+        padded = np.pad(batch, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
+        out = np.empty_like(batch)
+        for i in range(n):
+            out[i] = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        if flips is not None:
+            out[flips] = out[flips, :, ::-1]
+        if pixel_noise is not None:
+            out = np.clip(out + pixel_noise, 0, 255).astype(np.uint8)
+        return out
+
+    return move(images), (move(twins) if twins is not None else None)
 
 
 def augmented_pairs(images: np.ndarray, labels: np.ndarray, trigger: Trigger, *, copies: int, seed: int,
                     batch_size: int = 256, flip: bool = False, shift: int = 2, noise: float = 2.0) -> Iterator[PairBatch]:
-    """D itself, then ``copies`` seeded augmented copies; the trigger is stamped after augmentation."""
+    """D itself, then ``copies`` seeded augmented copies; the trigger is stamped after augmentation.
+
+    A trigger known only on given images (a PairedTrigger) is applied to D once, and each augmented copy
+    shifts, flips and noises a clean image and its twin alike.
+    """
     rng = np.random.default_rng(seed)
+    twins = None if trigger.applies_to_any_image else trigger.apply(images)
     for copy in range(copies + 1):
-        batch_images = images if copy == 0 else _augment(images, rng, shift=shift, flip=flip, noise=noise)
+        if copy == 0:
+            batch_images, batch_twins = images, twins
+        else:
+            batch_images, batch_twins = _augment(images, rng, shift=shift, flip=flip, noise=noise, twins=twins)
         for start in range(0, len(images), batch_size):
             clean = batch_images[start:start + batch_size]
             idx = np.arange(start, start + len(clean))
-            yield PairBatch(clean, trigger.apply(clean), labels[idx], idx, copy)
+            triggered = trigger.apply(clean) if batch_twins is None else batch_twins[start:start + batch_size]
+            yield PairBatch(clean, triggered, labels[idx], idx, copy)
 
 
 @torch.inference_mode()

@@ -50,6 +50,7 @@ TRIGGERS: dict[str, str] = {
     "image": "image",
     "additive": "additive:delta=noise,eps=24/255,seed=0",
     "lsb": "lsb:bits=2,seed=0",
+    "warp": "python:agme_hub.lab.warps:wanet_warp",  # a transform given as a function: no surrogate is shaped so
 }
 
 # Defence name -> (label, knowledge given, repair).
