@@ -446,9 +446,17 @@ def bench(
     defences: Annotated[Optional[list[str]], typer.Option("--defences", help="Override: agme-bdk, agme-nobdk, ..., ft, fp, clp, nc, ftsam (repeat).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is fastest for these small models on a shared CPU).")] = 1,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the rows an interrupted run left in --out.")] = False,
+    ablation: Annotated[bool, typer.Option("--ablation", help="The paper's Figure 4 instead of the grid: CA, ASR and TA "
+                                           "against lam and gamma, BatchNorm averages kept and recomputed, on one model "
+                                           "(the first of --archs, --triggers, --budgets; default resnet10t, "
+                                           "badnets-white-br, 10 per class).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmark AGME against FT, FP, CLP, NC and FT-SAM on real offline data; write a table and plots."""
+    if ablation:
+        _bench_ablation(out, datasets=datasets, archs=archs, triggers=triggers, budgets=budgets, threads=threads,
+                        as_json=as_json)
+        return
     base = bench_api.BenchConfig.quick() if quick else bench_api.BenchConfig.full()
     config = bench_api.config_with(
         base, seeds=tuple(range(seeds)) if seeds else None, datasets=tuple(datasets) if datasets else None,
@@ -472,6 +480,20 @@ def bench(
         table.add_row(*(row[i] for i in shown))
     err_console.print(table)
     err_console.print(f"table: {out / 'table.md'}")
+
+
+def _bench_ablation(out: Path, *, datasets: list[str] | None, archs: list[str] | None, triggers: list[str] | None,
+                    budgets: list[int] | None, threads: int, as_json: bool) -> None:
+    """``agme bench --ablation``: one model of the quick grid's recipe, lam and gamma swept (lab/bench/ablation.py)."""
+    config = bench_api.AblationConfig(bench=bench_api.BenchConfig.quick(threads=threads),
+                                      **{k: v[0] for k, v in (("dataset", datasets), ("arch", archs),
+                                                              ("trigger", triggers), ("per_class", budgets)) if v})
+    rows = bench_api.run_ablation(config, out, command="agme " + " ".join(sys.argv[1:]), say=_progress(not as_json))
+    if as_json:
+        _emit_json({"output_dir": str(out), "table": str(out / "ablation.md"), "plot": str(out / "ablation.png"),
+                    "rows": rows})
+        return
+    err_console.print(f"{len(rows)} points; table: {out / 'ablation.md'}; figure: {out / 'ablation.png'}")
 
 
 def main() -> None:
