@@ -24,8 +24,9 @@ from ..triggers import Trigger, parse_trigger
 from .classifier import ClassifierView, as_classifier, unwrap
 from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
 from .inversion import TargetDetection, detect_target, invert_trigger
-from .layers import Candidates, editable_layer, find_candidates, resolve_layers
+from .layers import Candidates, classifier_name, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, predict
+from .repair import collect_refit_stats, solve_refit
 from .select import Selection, _cross_validate
 
 __all__ = ["clean", "evaluate", "CleanResult", "Selection", "Timings", "inspect_layers"]
@@ -77,6 +78,7 @@ class CleanResult:
     timings: Timings
     unrepaired_model: torch.nn.Module | None = None  # the same edit without the repair (for reporting)
     protect: float | None = None  # the repair's null-space constraint on the target-class keys (chosen by CV)
+    refitted: str | None = None  # the classifier re-fitted by the repair's second pass (engine/repair.py), if any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,12 +143,16 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
     layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight)
     final_stats, w0, final_seconds = _final_edit(edited, original, data, chosen, layers, method=method,
                                                  preprocess=preprocess, weight=weight)
+    refitted = _refit_classifier(edited, original, data, chosen, layers, method=method, preprocess=preprocess,
+                                 weight=weight, seconds=final_seconds)
     unrepaired = None
-    if (weight != 1.0 or layers.protect is not None) and method.bn_stats == "keep":
+    if (weight != 1.0 or layers.protect is not None or refitted) and method.bn_stats == "keep":
         # The same edit without the repair weight, for reporting TA with and without repair. Keys of a
         # later layer came through the repaired earlier ones: exact for one layer, close for several.
         unrepaired = copy.deepcopy(edited)
         apply_edit(unrepaired, final_stats, lam=layers.lam, gamma=method.gamma, target_weight=1.0, original=w0)
+        if refitted:  # no repair: the classifier as it was
+            editable_layer(unrepaired, refitted).set_weight_matrix(_weight_matrix(original, refitted))
     if model is not caller_model and not isinstance(caller_model, ClassifierView):
         # hand back the kind of module the caller gave
         edited = unwrap(edited)
@@ -158,7 +164,7 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
                        layers=list(layers.layers), lam=layers.lam, gamma=method.gamma, target_weight=weight,
                        augment_copies=method.augment_copies, bn_stats=method.bn_stats, seed=method.seed,
                        n_edit_images=len(data), selection=layers.selection, candidates=layers.candidates,
-                       timings=timings, unrepaired_model=unrepaired, protect=layers.protect)
+                       timings=timings, unrepaired_model=unrepaired, protect=layers.protect, refitted=refitted)
 
 
 def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None, target: int | None, *,
@@ -245,6 +251,29 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
             seconds["bn_stats"] += time.perf_counter() - start
     edited.eval()
     return final_stats, w0, seconds
+
+
+def _refit_classifier(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
+                      layers: _LayerChoice, *, method: MethodOptions, preprocess: Preprocessor, weight: float,
+                      seconds: dict[str, float]) -> str | None:
+    """The repair's second pass (engine/repair.py) when the edit sat upstream of the classifier; its name, or None."""
+    if not (method.repair and method.refit_classifier):
+        return None
+    head = classifier_name(original, preprocess(data.images[:2]))
+    if head in layers.layers:  # the edit itself rewrote the classifier against the original outputs
+        return None
+    start = time.perf_counter()
+    pairs = augmented_pairs(data.images, data.labels, chosen.trigger, copies=method.augment_copies, seed=method.seed,
+                            flip=method.flip)
+    stats = collect_refit_stats(edited, original, head, pairs, preprocess, target=chosen.target)
+    seconds["capture"] += time.perf_counter() - start
+    start = time.perf_counter()
+    layer = editable_layer(edited, head)
+    layer.set_weight_matrix(solve_refit(_weight_matrix(original, head), layer.weight_matrix(), stats, lam=layers.lam,
+                                        gamma=method.gamma, target_weight=weight))
+    seconds["solve"] += time.perf_counter() - start
+    edited.eval()
+    return head
 
 
 def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:
