@@ -29,7 +29,6 @@ from ...engine.metrics import predict
 from ...errors import UsageError
 from ...options import MethodOptions
 from ...report import write_text_atomic
-from ...triggers import parse_trigger
 from .grid import BenchConfig, arch_spec
 from .models import backdoored_model, resolve_trigger
 from .outputs import environment, json_default
