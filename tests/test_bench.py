@@ -184,3 +184,13 @@ def test_bad_ablation_is_refused():
         AblationConfig(bn_stats=("keep", "sometimes"))
     with pytest.raises(UsageError, match="unknown bench architecture"):
         AblationConfig(arch="resnet9000")
+
+
+def test_cli_ablation_refuses_an_unknown_architecture_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.app, ["bench", "--ablation", "--archs", "resnet9000", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "unknown bench architecture" in result.output
+    assert not (tmp_path / "a").exists()
