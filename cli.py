@@ -503,9 +503,17 @@ def bench(
                          "baselines run on the CPU).", rich_help_panel="Runtime")] = None,
     batch_size: BatchSizeOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the rows an interrupted run left in --out.")] = False,
+    ablation: Annotated[bool, typer.Option("--ablation", help="The paper's Figure 4 instead of the grid: CA, ASR and TA "
+                                           "against lam and gamma, BatchNorm averages kept and recomputed, on one model "
+                                           "(the first of --archs, --triggers, --budgets; default resnet10t, "
+                                           "badnets-white-br, 10 per class).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmark AGME against FT, FP, CLP, NC and FT-SAM on real offline data; write a table and plots."""
+    if ablation:
+        _bench_ablation(out, datasets=datasets, archs=archs, triggers=triggers, budgets=budgets, threads=threads,
+                        as_json=as_json)
+        return
     base = bench_api.BenchConfig.quick() if quick else bench_api.BenchConfig.full()
     config = bench_api.config_with(
         base, seeds=tuple(range(seeds)) if seeds else None, datasets=tuple(datasets) if datasets else None,
@@ -532,6 +540,20 @@ def bench(
         table.add_row(*(row[i] for i in shown))
     err_console.print(table)
     err_console.print(f"table: {out / 'table.md'}")
+
+
+def _bench_ablation(out: Path, *, datasets: list[str] | None, archs: list[str] | None, triggers: list[str] | None,
+                    budgets: list[int] | None, threads: int, as_json: bool) -> None:
+    """``agme bench --ablation``: one model of the quick grid's recipe, lam and gamma swept (lab/bench/ablation.py)."""
+    config = bench_api.AblationConfig(bench=bench_api.BenchConfig.quick(threads=threads),
+                                      **{k: v[0] for k, v in (("dataset", datasets), ("arch", archs),
+                                                              ("trigger", triggers), ("per_class", budgets)) if v})
+    rows = bench_api.run_ablation(config, out, command="agme " + " ".join(sys.argv[1:]), say=_progress(not as_json))
+    if as_json:
+        _emit_json({"output_dir": str(out), "table": str(out / "ablation.md"), "plot": str(out / "ablation.png"),
+                    "rows": rows})
+        return
+    err_console.print(f"{len(rows)} points; table: {out / 'ablation.md'}; figure: {out / 'ablation.png'}")
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
-    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "DEFAULT_PROTECT_GRID", "MAX_KEY_DIM",
-    "MIN_KEY_BLOCK", "BN_RECOMPUTE_BATCH", "cache_dir",
+    "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS",
+    "DEFAULT_PROTECT_GRID", "MAX_KEY_DIM", "MIN_KEY_BLOCK", "BN_RECOMPUTE_BATCH", "cache_dir",
     "is_debug", "is_true",
 ]
 
@@ -31,6 +31,8 @@ DEFAULT_LAM_GRID = (0.01, 0.1, 1.0)
 DEFAULT_GAMMA = 1.0
 DEFAULT_AUGMENT_COPIES = 9
 DEFAULT_TARGET_WEIGHT = 4.0  # repair: weight of the preserve term of clean target-class images
+# repair: re-fit the classifier after an edit upstream of it (engine/repair.py; docs/METHOD.md, issue 13)
+DEFAULT_REFIT_CLASSIFIER = False
 DEFAULT_INVERSION_STEPS = 200  # Adam steps of trigger inversion (no-BDK)
 DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
 # Repair: fractions of the clean target-class keys' energy the update may not touch (null-space editing),

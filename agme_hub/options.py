@@ -19,7 +19,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, get_type_hints
 
 from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_FOLDS, DEFAULT_GAMMA, DEFAULT_INVERSION_STEPS,
-                        DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_TARGET_WEIGHT)
+                        DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER, DEFAULT_TARGET_WEIGHT)
 from .devices import check_device_spec
 from .errors import UsageError
 
@@ -49,6 +49,8 @@ class MethodOptions:
                              group="Method")
     gamma: float = _opt(DEFAULT_GAMMA, "Weight of the forget term against the preserve term.", group="Method")
     target_weight: float = _opt(DEFAULT_TARGET_WEIGHT, "Repair: weight of clean target-class images.", group="Method")
+    refit_classifier: bool = _opt(DEFAULT_REFIT_CLASSIFIER, "Repair: after an edit upstream of the classifier, re-fit "
+                                  "the classifier to the original outputs (forget pairs kept).", group="Method")
     augment_copies: int = _opt(DEFAULT_AUGMENT_COPIES, "Seeded augmented copies of the edit images.", group="Method")
     bn_stats: str = _opt("keep", "BatchNorm running averages after the edit: keep or recompute.", group="Method")
     inversion_steps: int = _opt(DEFAULT_INVERSION_STEPS, "Adam steps of trigger inversion (no trigger given).",
@@ -72,7 +74,7 @@ class MethodOptions:
         if not isinstance(self.lam_grid, (list, tuple)) or not self.lam_grid:
             raise UsageError(f"lam_grid must be a non-empty list of numbers, got {self.lam_grid!r}")
         object.__setattr__(self, "lam_grid", tuple(self.lam_grid))
-        for name in ("repair", "flip"):
+        for name in ("repair", "flip", "refit_classifier"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{_label(name)} must be true or false, got {getattr(self, name)!r}")
         if self.lam is not None:
@@ -162,6 +164,7 @@ class CleanOptions:
     lam: float | None = _method("lam")
     gamma: float = _method("gamma")
     target_weight: float = _method("target_weight")
+    refit_classifier: bool = _method("refit_classifier")
     augment_copies: int = _method("augment_copies")
     bn_stats: str = _method("bn_stats")
     inversion_steps: int = _method("inversion_steps")

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from agme_hub.lab.bench import (DEFENCES, BenchConfig, PeakMemory, aggregate, best_per_cell, forward_floor, run_bench,
-                            write_outputs)
+from agme_hub.lab.bench import (DEFENCES, AblationConfig, BenchConfig, PeakMemory, aggregate, best_per_cell,
+                                forward_floor, run_ablation, run_bench, write_outputs)
 from agme_hub.errors import UsageError
 
 # Seconds on 2 cores: a narrow ResNet trained on 60 images per class for 2 epochs. The backdoor only has to
@@ -148,3 +148,49 @@ def test_bad_grid_is_refused():
         BenchConfig(archs=("resnet9000",))
     with pytest.raises(UsageError, match="at least 1"):
         BenchConfig(budgets=(0,))
+
+
+def test_ablation_sweeps_lam_and_gamma_with_both_batchnorm_modes(tiny_run, tmp_path):
+    config, _, _, _ = tiny_run  # the tiny grid's backdoored model, from its cache
+    ablation = AblationConfig(bench=config, arch="resnet10t", trigger="badnets-white-br", per_class=2,
+                              lams=(0.01, 1.0), gammas=(1.0, 3.0))
+    rows = run_ablation(ablation, tmp_path, command="pytest ablation")
+    assert len(rows) == 2 * (2 + 2)
+    for name in ("ablation.csv", "ablation.json", "ablation.md", "ablation.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((tmp_path / "ablation.json").read_text())
+    assert record["layers"] == ["layer4.0.conv1", "layer4.0.downsample.1"]  # the entry group, fixed at every point
+    assert all(r["layers"] == ",".join(record["layers"]) for r in rows)
+    assert all(r[k] is not None for r in rows for k in ("ca", "asr", "ta", "ta_no_repair"))
+    keep = {(r["lam"], r["gamma"]): r for r in rows if r["bn_stats"] == "keep"}
+    recompute = {(r["lam"], r["gamma"]): r for r in rows if r["bn_stats"] == "recompute"}
+    assert set(keep) == set(recompute) == {(0.01, 1.0), (1.0, 1.0), (0.01, 3.0)}
+    # The edit feeds BatchNorms: re-estimating their averages changes the model's predictions somewhere.
+    assert any((keep[p]["ca"], keep[p]["asr"], keep[p]["ta"]) != (recompute[p]["ca"], recompute[p]["asr"],
+                                                                   recompute[p]["ta"]) for p in keep)
+    # A larger ridge keeps the model closer to the backdoored one: the backdoor survives more of it.
+    assert keep[(1.0, 1.0)]["asr"] >= keep[(0.01, 1.0)]["asr"]
+    with open(tmp_path / "ablation.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == len(rows)
+    text = (tmp_path / "ablation.md").read_text()
+    assert "## Against lam" in text and "## Against gamma" in text and "pytest ablation" in text
+
+
+def test_bad_ablation_is_refused():
+    with pytest.raises(UsageError, match="lam"):
+        AblationConfig(lams=(0.0,))
+    with pytest.raises(UsageError, match="bn-stats"):
+        AblationConfig(bn_stats=("keep", "sometimes"))
+    with pytest.raises(UsageError, match="unknown bench architecture"):
+        AblationConfig(arch="resnet9000")
+
+
+def test_cli_ablation_refuses_an_unknown_architecture_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.app, ["bench", "--ablation", "--archs", "resnet9000", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "unknown bench architecture" in result.output
+    assert not (tmp_path / "a").exists()

@@ -27,8 +27,9 @@ from ..triggers import Trigger, parse_trigger
 from .classifier import ClassifierView, as_classifier, unwrap
 from .edit import GramStats, apply_edit, augmented_pairs, bn_batches, collect_stats, recompute_batchnorm
 from .inversion import TargetDetection, detect_target, invert_trigger
-from .layers import Candidates, editable_layer, find_candidates, resolve_layers
+from .layers import Candidates, classifier_name, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, measured_images, predict
+from .repair import collect_refit_stats, solve_refit
 from .replay import reads_from
 from .select import CachedBoundary, Selection, _cross_validate
 
@@ -83,6 +84,7 @@ class CleanResult:
     protect: float | None = None  # the repair's null-space constraint on the target-class keys (chosen by CV)
     device: str = "cpu"  # where the clean ran (the returned models are back where the caller's model was)
     batch_size: int = 0  # images per forward pass it used
+    refitted: str | None = None  # the classifier re-fitted by the repair's second pass (engine/repair.py), if any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,12 +171,16 @@ def clean(model: torch.nn.Module, data: ImageSet, *,
     final_stats, w0, final_seconds = _final_edit(edited, original, data, chosen, layers, method=method,
                                                  preprocess=preprocess, weight=weight, batch=batch, progress=progress,
                                                  replay=replay)
+    refitted = _refit_classifier(edited, original, data, chosen, layers, method=method, preprocess=preprocess,
+                                 weight=weight, batch=batch, seconds=final_seconds)
     unrepaired = None
-    if (weight != 1.0 or layers.protect is not None) and method.bn_stats == "keep":
+    if (weight != 1.0 or layers.protect is not None or refitted) and method.bn_stats == "keep":
         # The same edit without the repair weight, for reporting TA with and without repair. Keys of a
         # later layer came through the repaired earlier ones: exact for one layer, close for several.
         unrepaired = copy.deepcopy(edited)
         apply_edit(unrepaired, final_stats, lam=layers.lam, gamma=method.gamma, target_weight=1.0, original=w0)
+        if refitted:  # no repair: the classifier as it was
+            editable_layer(unrepaired, refitted).set_weight_matrix(_weight_matrix(original, refitted))
     if run_on != home:  # back where the caller's model is
         edited = edited.to(home)
         unrepaired = unrepaired.to(home) if unrepaired is not None else None
@@ -190,7 +196,7 @@ def clean(model: torch.nn.Module, data: ImageSet, *,
                        augment_copies=method.augment_copies, bn_stats=method.bn_stats, seed=method.seed,
                        n_edit_images=len(data), selection=layers.selection, candidates=layers.candidates,
                        timings=timings, unrepaired_model=unrepaired, protect=layers.protect, device=str(run_on),
-                       batch_size=batch)
+                       batch_size=batch, refitted=refitted)
 
 
 def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None, target: int | None, *,
@@ -307,6 +313,31 @@ def _capture_one(model: torch.nn.Module, name: str, pairs: Any, preprocess: Prep
     with boundary.plan.installed(model) as run:
         return collect_stats(model, [name], pairs, preprocess, target=target, progress=progress,
                              run=lambda batch: run(boundary.rows(batch)))[name][0]
+
+
+def _refit_classifier(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
+                      layers: _LayerChoice, *, method: MethodOptions, preprocess: Preprocessor, weight: float,
+                      batch: int, seconds: dict[str, float]) -> str | None:
+    """The repair's second pass (engine/repair.py) when the edit sat upstream of the classifier; its name, or None."""
+    if not (method.repair and method.refit_classifier):
+        return None
+    head = classifier_name(original, preprocess(data.images[:2]).to(model_device(original)))
+    if head in layers.layers:  # the edit itself rewrote the classifier against the original outputs
+        return None
+    start = time.perf_counter()
+    pairs = augmented_pairs(data.images, data.labels, chosen.trigger, copies=method.augment_copies, seed=method.seed,
+                            flip=method.flip, batch_size=max(1, batch // 2))
+    stats = collect_refit_stats(edited, original, head, pairs, preprocess, target=chosen.target)
+    seconds["capture"] += time.perf_counter() - start
+    start = time.perf_counter()
+    layer = editable_layer(edited, head)
+    where = stats.cc.device
+    layer.set_weight_matrix(solve_refit(_weight_matrix(original, head).to(where, torch.float64),
+                                        layer.weight_matrix().to(where, torch.float64), stats, lam=layers.lam,
+                                        gamma=method.gamma, target_weight=weight))
+    seconds["solve"] += time.perf_counter() - start
+    edited.eval()
+    return head
 
 
 def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:

@@ -30,13 +30,15 @@ plots. What is measured, and how:
 The package, one concern a module: :mod:`.grid` (archs, triggers, defences, :class:`BenchConfig`),
 :mod:`.measure` (:class:`PeakMemory`, :func:`forward_floor`), :mod:`.models` (the backdoored models, trained once
 and cached), :mod:`.cells` (one cell, and the resumable run over every cell), :mod:`.tables` (aggregation and the
-headline), :mod:`.markdown` (the text of table.md), :mod:`.plots` and :mod:`.outputs` (the files of a run).
+headline), :mod:`.markdown` (the text of table.md), :mod:`.plots` and :mod:`.outputs` (the files of a run),
+:mod:`.ablation` (the paper's Figure 4: lam and gamma swept on one model, ``agme bench --ablation``).
 """
 
 from __future__ import annotations
 
+from .ablation import AblationConfig, run_ablation
 from .cells import run_bench
-from .grid import AGME_DEFENCES, ARCHS, DEFENCES, TRIGGERS, ArchSpec, BenchConfig, config_with
+from .grid import AGME_DEFENCES, ARCHS, DEFENCES, TRIGGERS, ArchSpec, BenchConfig, arch_spec, config_with
 from .measure import PeakMemory, forward_floor
 from .models import backdoored_model, resolve_trigger
 from .outputs import CSV_COLUMNS, report_partial, write_outputs
@@ -46,5 +48,6 @@ from .tables import CELL, METRICS, aggregate, best_per_cell, headline, headline_
 __all__ = [
     "ArchSpec", "ARCHS", "TRIGGERS", "DEFENCES", "BenchConfig", "run_bench", "write_outputs", "aggregate",
     "best_per_cell", "headline", "PeakMemory", "forward_floor", "report_partial", "headline_rows", "headline_markdown",
-    "config_with", "AGME_DEFENCES", "resolve_trigger", "backdoored_model", "CSV_COLUMNS", "CELL", "METRICS", "plot",
+    "config_with", "AGME_DEFENCES", "AblationConfig", "run_ablation", "arch_spec",
+    "resolve_trigger", "backdoored_model", "CSV_COLUMNS", "CELL", "METRICS", "plot",
 ]
