@@ -67,6 +67,8 @@ def refit(edited, original, edit, trigger, target, pre, *, lam, gamma=1.0, targe
 class _NoTrigger:
     """Leaves images as they are: pairs of a clean image with itself add to the preserve term only."""
 
+    applies_to_any_image = True
+
     def apply(self, images):
         return images
 

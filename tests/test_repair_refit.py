@@ -35,6 +35,8 @@ def setting(fmnist_test, tmp_path_factory):
 
 
 class _NoTrigger:
+    applies_to_any_image = True  # a stamp-like trigger to augmented_pairs
+
     def apply(self, images: np.ndarray) -> np.ndarray:
         return images
 
