@@ -11,7 +11,8 @@ from pathlib import Path
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
-    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "DEFAULT_PROTECT_GRID", "cache_dir",
+    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "DEFAULT_PROTECT_GRID",
+    "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS", "cache_dir",
     "is_debug", "is_true",
 ]
 
@@ -37,6 +38,12 @@ DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
 # solves (with an eigendecomposition each) and moved no headline cell (docs/METHOD.md, issue 13); pass
 # protect_grid=(None, 0.9) to clean() to let the cross-validation choose it.
 DEFAULT_PROTECT_GRID: tuple[float | None, ...] = (None,)
+# no-BDK: the surrogate triggers reconstructed (engine/surrogates.py); the cross-validation chooses which to
+# forget: each alone or all together (docs/METHOD.md, issue 12).
+DEFAULT_SURROGATES = ("patch", "full")
+# L-inf bound (of 1) of the full-image surrogate: the blend (alpha 0.1), additive (24/255) and SIG (20/255)
+# triggers of the bench change pixels by up to ~0.08-0.1.
+DEFAULT_SURROGATE_EPS = 0.1
 
 
 def is_true(value: str | None) -> bool:

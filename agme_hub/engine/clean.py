@@ -1,8 +1,8 @@
 """The engine's one entry point: ``clean(model, data, ...)`` -> :class:`CleanResult`.
 
-Steps: pick the trigger (given, or a surrogate from trigger inversion), capture the Gram statistics of
-the candidate layers on D and its augmented copies, choose layers and lam by k-fold cross-validation
-on D itself (never on held-out test data; :mod:`.select`), then edit the chosen layers shallow to deep,
+Steps: pick the trigger (given, or surrogates reconstructed without it, :mod:`.surrogates`), capture the Gram statistics of
+the candidate layers on D and its augmented copies, choose layers and lam (and, without the trigger, which
+surrogates to forget) by k-fold cross-validation on D itself (never on held-out test data; :mod:`.select`), then edit the chosen layers shallow to deep,
 recomputing keys through the layers already edited. No gradients flow through the model being edited.
 The method's knobs are one :class:`~agme_hub.options.MethodOptions`.
 """
@@ -22,11 +22,12 @@ from ..errors import ClassMismatchError, DataError
 from ..options import MethodOptions
 from ..triggers import Trigger, parse_trigger
 from .classifier import ClassifierView, as_classifier, unwrap
-from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
-from .inversion import TargetDetection, detect_target, invert_trigger
+from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, forget_sum, recompute_batchnorm
+from .inversion import TargetDetection, detect_target
 from .layers import Candidates, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, predict
 from .select import Selection, _cross_validate
+from .surrogates import Surrogate, forget_sets, reconstruct_surrogates
 
 __all__ = ["clean", "evaluate", "CleanResult", "Selection", "Timings", "inspect_layers"]
 
@@ -59,7 +60,7 @@ class CleanResult:
 
     model: torch.nn.Module
     mode: str  # "bdk" or "no-bdk"
-    trigger: Trigger  # the trigger used for the edit (given, or the surrogate)
+    trigger: Trigger  # the trigger used for the edit (given, or the first surrogate it forgot)
     trigger_kind: str  # "given" or "surrogate"
     target: int | None
     target_detected: bool
@@ -77,6 +78,8 @@ class CleanResult:
     timings: Timings
     unrepaired_model: torch.nn.Module | None = None  # the same edit without the repair (for reporting)
     protect: float | None = None  # the repair's null-space constraint on the target-class keys (chosen by CV)
+    surrogates: tuple[Surrogate, ...] = ()  # no-BDK: every surrogate reconstructed
+    forgotten: tuple[Trigger, ...] = ()  # the triggers the edit forgot (the given one, or the chosen surrogates)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +90,8 @@ class _TriggerChoice:
     target: int
     detection: TargetDetection | None
     seconds: float | None
+    forget: dict[str, tuple[Trigger, ...]]  # the sets of triggers an edit may forget together (one when given)
+    surrogates: tuple[Surrogate, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +102,7 @@ class _LayerChoice:
     selection: Selection | None
     candidates: Candidates | None
     captured: dict[str, GramStats]  # statistics over all of D on the unedited model, from the cross-validation
+    forget: tuple[Trigger, ...]  # the triggers the edit forgets (their forget terms add up)
     seconds: float | None
     capture_seconds: float | None
 
@@ -153,32 +159,36 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
         unrepaired = unwrap(unrepaired) if unrepaired is not None else None
     timings = Timings(inversion=chosen.seconds, selection=layers.seconds, selection_capture=layers.capture_seconds,
                       **final_seconds)
-    return CleanResult(model=edited, mode=chosen.mode, trigger=chosen.trigger, trigger_kind=chosen.kind,
+    return CleanResult(model=edited, mode=chosen.mode, trigger=layers.forget[0], trigger_kind=chosen.kind,
                        target=chosen.target, target_detected=target is None, detection=chosen.detection,
                        layers=list(layers.layers), lam=layers.lam, gamma=method.gamma, target_weight=weight,
                        augment_copies=method.augment_copies, bn_stats=method.bn_stats, seed=method.seed,
                        n_edit_images=len(data), selection=layers.selection, candidates=layers.candidates,
-                       timings=timings, unrepaired_model=unrepaired, protect=layers.protect)
+                       timings=timings, unrepaired_model=unrepaired, protect=layers.protect,
+                       surrogates=chosen.surrogates, forgotten=layers.forget)
 
 
 def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None, target: int | None, *,
                     method: MethodOptions, preprocess: Preprocessor) -> _TriggerChoice:
-    """The trigger to edit with and the target: given, picked from the trigger, or from trigger inversion."""
+    """The trigger(s) to edit with and the target: given, picked from the trigger, or surrogates and detection."""
     if trigger is not None:
         used = parse_trigger(trigger)
         if target is None:
             target = _pick_target_from_trigger(model, data, used, preprocess)
-        return _TriggerChoice(mode="bdk", kind="given", trigger=used, target=target, detection=None, seconds=None)
+        return _TriggerChoice(mode="bdk", kind="given", trigger=used, target=target, detection=None, seconds=None,
+                              forget={"given": (used,)})
     start = time.perf_counter()
     detection = None
+    patch = None
     if target is None:
         detection = detect_target(model, data, steps=method.inversion_steps, seed=method.seed)
         target = detection.target
-        used = detection.inversions[target].trigger
-    else:
-        used = invert_trigger(model, data, target, steps=method.inversion_steps, seed=method.seed).trigger
-    return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=used, target=target, detection=detection,
-                          seconds=time.perf_counter() - start)
+        patch = detection.inversions[target]  # the patch surrogate of the detected class is already made
+    surrogates = reconstruct_surrogates(model, data, target, method.surrogates, steps=method.inversion_steps,
+                                        seed=method.seed, patch=patch)
+    return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=next(iter(surrogates.values())).trigger,
+                          target=target, detection=detection, seconds=time.perf_counter() - start,
+                          forget=forget_sets(surrogates), surrogates=tuple(surrogates.values()))
 
 
 def _pick_target_from_trigger(model: torch.nn.Module, data: ImageSet, trigger: Trigger,
@@ -198,19 +208,22 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
         candidates = find_candidates(model, preprocess(data.images[:2]))
         groups = candidates.groups
     if method.lam is not None and len(groups) == 1:
-        # lam and layers given: no cross-validation, so the repair is the weight alone
+        # lam and layers given: no cross-validation, so the repair is the weight alone and every surrogate is
+        # forgotten (the last set is all of them)
         return _LayerChoice(layers=next(iter(groups.values())), lam=float(method.lam), protect=None, selection=None,
-                            candidates=candidates, captured={}, seconds=None, capture_seconds=None)
+                            candidates=candidates, captured={}, seconds=None, capture_seconds=None,
+                            forget=list(chosen.forget.values())[-1])
     if len(data) < method.folds:
         raise DataError(f"cross-validation needs at least {method.folds} edit images; pass --lam and --layers")
     grid = (method.lam,) if method.lam is not None else method.lam_grid
     start = time.perf_counter()
     selection, capture_seconds, captured = _cross_validate(
-        model, data, chosen.trigger, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
+        model, data, chosen.forget, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
         protects=tuple(method.protect_grid) if method.repair else (None,))
     return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
-                        candidates=candidates, captured=captured, seconds=time.perf_counter() - start, capture_seconds=capture_seconds)
+                        candidates=candidates, captured=captured, seconds=time.perf_counter() - start,
+                        capture_seconds=capture_seconds, forget=chosen.forget[selection.forget])
 
 
 def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
@@ -221,7 +234,6 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
     Returns each layer's statistics, its original weight matrix, and the seconds of capture, solve and bn_stats.
     """
     seconds = {"capture": 0.0, "solve": 0.0, "bn_stats": 0.0}
-    used = chosen.trigger
     w0 = {n: _weight_matrix(original, n) for n in layers.layers}
     final_stats: dict[str, GramStats] = {}
     for position, name in enumerate(layers.layers):
@@ -229,9 +241,11 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
         if position == 0 and name in layers.captured:  # nothing upstream is edited yet: the CV's keys are these keys
             final_stats[name] = layers.captured[name]
         else:
-            pairs = augmented_pairs(data.images, data.labels, used, copies=method.augment_copies, seed=method.seed,
-                                    flip=method.flip)
-            final_stats[name] = collect_stats(edited, [name], pairs, preprocess, target=chosen.target)[name][0]
+            # one capture per forgotten trigger, on the same augmented clean images (same seed); forget terms add
+            final_stats[name] = forget_sum([collect_stats(
+                edited, [name], augmented_pairs(data.images, data.labels, used, copies=method.augment_copies,
+                                                seed=method.seed, flip=method.flip),
+                preprocess, target=chosen.target)[name][0] for used in layers.forget])
         seconds["capture"] += time.perf_counter() - start
         start = time.perf_counter()
         apply_edit(edited, {name: final_stats[name]}, lam=layers.lam, gamma=method.gamma, target_weight=weight,
@@ -239,7 +253,8 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
         seconds["solve"] += time.perf_counter() - start
         if method.bn_stats == "recompute":
             start = time.perf_counter()
-            batches = [preprocess(np.concatenate([data.images[i:i + 128], used.apply(data.images[i:i + 128])]))
+            batches = [preprocess(np.concatenate([data.images[i:i + 128]]
+                                                 + [used.apply(data.images[i:i + 128]) for used in layers.forget]))
                        for i in range(0, len(data), 128)]
             recompute_batchnorm(edited, name, batches)
             seconds["bn_stats"] += time.perf_counter() - start

@@ -25,7 +25,7 @@ from ..data import Preprocessor
 from ..triggers import Trigger
 from .layers import EditableLayer, editable_layer
 
-__all__ = ["GramStats", "PairBatch", "augmented_pairs", "collect_stats", "solve_edit", "apply_edit",
+__all__ = ["GramStats", "PairBatch", "augmented_pairs", "collect_stats", "forget_sum", "solve_edit", "apply_edit",
            "recompute_batchnorm"]
 
 
@@ -64,6 +64,19 @@ class GramStats:
     def __sub__(self, other: "GramStats") -> "GramStats":
         return GramStats(self.cc - other.cc, self.cc_target - other.cc_target, self.tt - other.tt,
                          self.ct - other.ct, self.rows - other.rows)
+
+
+def forget_sum(stats: list[GramStats]) -> GramStats:
+    """One edit that forgets several triggers: ``sum_s gamma ||W kt_s - W0 kc||^2`` beside one preserve term.
+
+    Each element holds the statistics of the same clean keys (the same images and augmentation) paired with
+    one trigger's keys, so the preserve terms are equal and counted once; the forget terms ``Ctt``, ``Cct`` add.
+    """
+    if len(stats) == 1:
+        return stats[0]
+    first = stats[0]
+    return GramStats(first.cc, first.cc_target, first.tt + sum(s.tt for s in stats[1:]),
+                     first.ct + sum(s.ct for s in stats[1:]), first.rows)
 
 
 def solve_edit(w0: torch.Tensor, stats: GramStats, *, lam: float, gamma: float,
