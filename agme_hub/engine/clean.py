@@ -1,10 +1,11 @@
 """The engine's one entry point: ``clean(model, data, ...)`` -> :class:`CleanResult`.
 
-Steps: pick the trigger (given, or surrogates reconstructed without it, :mod:`.surrogates`), capture the Gram statistics of
-the candidate layers on D and its augmented copies, choose layers and lam (and, without the trigger, which
-surrogates to forget) by k-fold cross-validation on D itself (never on held-out test data; :mod:`.select`), then edit the chosen layers shallow to deep,
-recomputing keys through the layers already edited. No gradients flow through the model being edited.
-The method's knobs are one :class:`~agme_hub.options.MethodOptions`.
+Steps: pick the trigger (given, or surrogates reconstructed without it, :mod:`.surrogates`), capture the Gram
+statistics of the candidate layers on D and its augmented copies, choose layers and lam (and, without the
+trigger, which surrogates to forget) by k-fold cross-validation on D itself (never on held-out test data;
+:mod:`.select`), then edit the chosen layers shallow to deep, recomputing keys through the layers already
+edited. No gradients flow through the model being edited. The method's knobs are one
+:class:`~agme_hub.options.MethodOptions`.
 """
 
 from __future__ import annotations
