@@ -12,7 +12,8 @@ __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
     "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS",
-    "DEFAULT_PROTECT_GRID", "MAX_KEY_DIM", "MIN_KEY_BLOCK", "BN_RECOMPUTE_BATCH", "cache_dir",
+    "DEFAULT_PROTECT_GRID", "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS", "MAX_KEY_DIM", "MIN_KEY_BLOCK",
+    "BN_RECOMPUTE_BATCH", "cache_dir",
     "is_debug", "is_true",
 ]
 
@@ -40,6 +41,12 @@ DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
 # solves (with an eigendecomposition each) and moved no headline cell (docs/METHOD.md, issue 13); pass
 # protect_grid=(None, 0.9) to clean() to let the cross-validation choose it.
 DEFAULT_PROTECT_GRID: tuple[float | None, ...] = (None,)
+# no-BDK: the surrogate triggers reconstructed (engine/surrogates.py); the cross-validation chooses which to
+# forget: each alone or all together (docs/METHOD.md, issue 12).
+DEFAULT_SURROGATES = ("patch", "full")
+# L-inf bound (of 1) of the full-image surrogate: the blend (alpha 0.1), additive (24/255) and SIG (20/255)
+# triggers of the bench change pixels by up to ~0.08-0.1.
+DEFAULT_SURROGATE_EPS = 0.1
 
 # Memory of the edit. It keeps four (d, d) float64 Gram matrices per layer and fold; d = 8192 is 0.5 GiB
 # each. Keys up to MAX_KEY_DIM wide are solved whole; wider ones in diagonal blocks of MAX_KEY_DIM^2 / d

@@ -19,7 +19,8 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, get_type_hints
 
 from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_FOLDS, DEFAULT_GAMMA, DEFAULT_INVERSION_STEPS,
-                        DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER, DEFAULT_TARGET_WEIGHT)
+                        DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER, DEFAULT_SURROGATES,
+                        DEFAULT_TARGET_WEIGHT)
 from .devices import check_device_spec
 from .errors import UsageError
 
@@ -65,6 +66,9 @@ class MethodOptions:
     protect_grid: tuple[float | None, ...] = _opt(
         DEFAULT_PROTECT_GRID, "Repair: the null-space constraints cross-validation tries (None: the weight alone).",
         group="Method", flag=False)
+    surrogates: tuple[str, ...] = _opt(
+        DEFAULT_SURROGATES, "no-BDK: the surrogate triggers reconstructed (patch: mask + pattern; full: a bounded "
+        "full-image perturbation); cross-validation forgets each alone or all together.", group="Method", flag=False)
 
     def __post_init__(self) -> None:
         # Python callers pass lists (layers=["fc"]); keep tuples so the options stay hashable and comparable.
@@ -94,6 +98,11 @@ class MethodOptions:
         if not isinstance(self.protect_grid, (list, tuple)) or not self.protect_grid:
             raise UsageError(f"protect_grid must be a non-empty list, got {self.protect_grid!r}")
         object.__setattr__(self, "protect_grid", tuple(self.protect_grid))
+        kinds = (self.surrogates,) if isinstance(self.surrogates, str) else self.surrogates
+        if not isinstance(kinds, (list, tuple)) or not kinds or any(k not in ("patch", "full") for k in kinds) \
+                or len(set(kinds)) != len(kinds):
+            raise UsageError(f"surrogates must be distinct names among patch, full, got {self.surrogates!r}")
+        object.__setattr__(self, "surrogates", tuple(kinds))
         for share in self.protect_grid:
             if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
                                       or not 0.0 < share < 1.0):

@@ -7,8 +7,9 @@ for a given seed::
     stamped = trigger.apply(images)
 
 Kinds: ``patch`` (BadNets), ``blend``, ``image`` (pattern + grey-level mask, the general form),
-``additive`` (bounded full-image perturbation, the form of Narcissus-style triggers) and ``lsb``
-(an invisible least-significant-bit code). ``PRESETS`` holds the six BadNets variants.
+``additive`` (bounded full-image perturbation, the form of Narcissus-style triggers), ``sig`` (a
+sinusoidal signal over the whole image, Barni et al. 2019) and ``lsb`` (an invisible least-significant-bit
+code). ``PRESETS`` holds the six BadNets variants.
 
 Two forms are not stamps described by fields (:mod:`agme_hub.trigger_forms`): ``python:pkg.module:function``
 (or a Python function) is the user's own transform, e.g. a warp, and a ``PairedTrigger`` holds triggered
@@ -32,7 +33,8 @@ import numpy as np
 from .errors import ShapeMismatchError, TriggerSpecError
 
 __all__ = [
-    "Trigger", "MaskTrigger", "PatchTrigger", "BlendTrigger", "ImageTrigger", "AdditiveTrigger", "LSBTrigger",
+    "Trigger", "MaskTrigger", "DeltaTrigger", "PatchTrigger", "BlendTrigger", "ImageTrigger", "AdditiveTrigger",
+    "SIGTrigger", "LSBTrigger",
     "parse_trigger", "PRESETS", "TRIGGER_KINDS", "CALLABLE_PREFIX",
 ]
 
@@ -314,6 +316,32 @@ class AdditiveTrigger(Trigger):
 
 
 @dataclass(frozen=True)
+class SIGTrigger(Trigger):
+    """SIG (Barni et al. 2019): ``x' = clip(x + v)``, ``v = delta sin(2 pi j freq / W)`` along the columns ``j``.
+
+    ``delta`` is the amplitude in pixel units (of 255), the same on every row and channel; ``freq`` the number
+    of periods across the image's width.
+    """
+
+    kind: ClassVar[str] = "sig"
+    delta: float = 20.0
+    freq: float = 6.0
+
+    def _stamp(self, x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+        _check_sig(self)
+        width = shape[1]
+        signal = self.delta * np.sin(2.0 * np.pi * np.arange(width, dtype=np.float64) * self.freq / width)
+        return x + signal.astype(np.float32)[None, None, :, None]
+
+
+def _check_sig(trigger: "SIGTrigger") -> None:
+    if not 0.0 < trigger.delta <= 255.0:
+        raise TriggerSpecError(f"sig delta (amplitude in pixel units) must be in (0, 255], got {trigger.delta}")
+    if not 0.0 < trigger.freq <= 1024.0:
+        raise TriggerSpecError(f"sig freq (periods across the width) must be in (0, 1024], got {trigger.freq}")
+
+
+@dataclass(frozen=True)
 class LSBTrigger(Trigger):
     """Steganography-style: the ``bits`` least significant bits of every pixel replaced by a seeded code."""
 
@@ -364,11 +392,41 @@ class MaskTrigger(Trigger):
         return f"image:pattern={folder / 'surrogate_pattern.png'},mask={folder / 'surrogate_mask.png'}"
 
 
+@dataclass(frozen=True, eq=False)
+class DeltaTrigger(Trigger):
+    """A full-image perturbation held in memory, e.g. a surrogate reconstructed without the trigger.
+
+    ``delta_array`` is float ``(H, W, C)`` in pixel units (of 255): ``x' = clip(x + delta)``. ``save`` writes it
+    as a ``.npy`` (in units of 1) that an ``additive:delta=...npy,eps=...`` spec reads back.
+    """
+
+    kind: ClassVar[str] = "delta"
+    delta_array: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1), np.float32))
+
+    @property
+    def spec(self) -> str:
+        h, w, c = self.delta_array.shape
+        return f"surrogate-delta:{w}x{h}x{c},linf={float(np.abs(self.delta_array).max()) / 255.0:.3f}"
+
+    def _stamp(self, x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+        if self.delta_array.shape[:2] != tuple(shape[:2]):
+            raise ShapeMismatchError(f"the surrogate perturbation is {self.delta_array.shape[1]}x"
+                                     f"{self.delta_array.shape[0]}, images are {shape[1]}x{shape[0]}")
+        return x + self.delta_array
+
+    def save(self, folder: str | os.PathLike[str]) -> str:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "surrogate_delta.npy"
+        np.save(path, (self.delta_array / 255.0).astype(np.float32), allow_pickle=False)
+        eps = max(float(np.abs(self.delta_array).max()) / 255.0, 1e-6)
+        return f"additive:delta={path},eps={eps:.6f}"
+
 CALLABLE_PREFIX = "python:"  # the one spec that imports code (trigger_forms.CallableTrigger): named explicitly
 CALLABLE_REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 TRIGGER_KINDS: dict[str, type[Trigger]] = {
-    cls.kind: cls for cls in (PatchTrigger, BlendTrigger, ImageTrigger, AdditiveTrigger, LSBTrigger)
+    cls.kind: cls for cls in (PatchTrigger, BlendTrigger, ImageTrigger, AdditiveTrigger, SIGTrigger, LSBTrigger)
 }
 
 
@@ -451,6 +509,8 @@ def _validate(trigger: Trigger) -> None:
             raise TriggerSpecError(f"additive delta file not found: {trigger.delta}")
         if trigger.delta.endswith(".npy"):
             _load_npy(Path(trigger.delta), "additive delta")
+    elif isinstance(trigger, SIGTrigger):
+        _check_sig(trigger)
     elif isinstance(trigger, LSBTrigger) and not 1 <= trigger.bits <= 4:
         raise TriggerSpecError(f"lsb bits must be 1..4, got {trigger.bits}")
 

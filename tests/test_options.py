@@ -57,6 +57,7 @@ def test_method_defaults_are_the_constants():
     assert method.inversion_steps == constants.DEFAULT_INVERSION_STEPS
     assert method.folds == constants.DEFAULT_FOLDS
     assert method.lam_grid == constants.DEFAULT_LAM_GRID
+    assert method.surrogates == constants.DEFAULT_SURROGATES
     assert (method.repair, method.layers, method.lam, method.bn_stats, method.seed) == (True, None, None, "keep", 0)
     # CleanOptions carries the same knobs with the same defaults and help
     assert CleanOptions().method == method
@@ -88,7 +89,9 @@ def test_bad_values_are_usage_errors(bad):
             MethodOptions(**method_bad)
 
 
-@pytest.mark.parametrize("bad", [{"folds": 1}, {"lam_grid": ()}, {"lam_grid": (0.1, math.nan)}, {"flip": "yes"}])
+@pytest.mark.parametrize("bad", [{"folds": 1}, {"lam_grid": ()}, {"lam_grid": (0.1, math.nan)}, {"flip": "yes"},
+                                 {"surrogates": ()}, {"surrogates": ("patch", "warp")},
+                                 {"surrogates": ("full", "full")}])
 def test_bad_engine_only_values_are_usage_errors(bad):
     with pytest.raises(UsageError):
         MethodOptions(**bad)

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from agme_hub.errors import ShapeMismatchError, TriggerSpecError
-from agme_hub.triggers import PRESETS, AdditiveTrigger, BlendTrigger, LSBTrigger, PatchTrigger, parse_trigger
+from agme_hub.triggers import (PRESETS, AdditiveTrigger, BlendTrigger, DeltaTrigger, LSBTrigger, PatchTrigger,
+                               SIGTrigger, parse_trigger)
 
 from .helpers import write_png
 
@@ -85,6 +86,27 @@ def test_additive_is_bounded(tmp_path, grey):
     assert 0 < np.abs(out.astype(int) - grey.astype(int)).max() <= 8
 
 
+def test_sig_is_a_bounded_sinusoid_along_the_columns():
+    flat = np.full((2, 28, 28, 3), 128, np.uint8)
+    out = parse_trigger("sig:delta=20,freq=6").apply(flat).astype(int) - 128
+    assert isinstance(parse_trigger("sig:delta=20,freq=6"), SIGTrigger)
+    assert 18 <= np.abs(out).max() <= 20  # the amplitude, in pixel units (28 columns miss the exact peak)
+    assert (out == out[:, :1]).all() and (out == out[..., :1]).all()  # the same on every row and channel
+    expected = np.rint(20 * np.sin(2 * np.pi * np.arange(28) * 6 / 28)).astype(int)
+    assert np.abs(out[0, 0, :, 0] - expected).max() <= 1
+    sign_changes = int((np.diff(np.sign(expected[expected != 0])) != 0).sum())
+    assert 2 * 6 - 2 <= sign_changes <= 2 * 6  # six periods across the width
+    bright = parse_trigger("sig:delta=20,freq=6").apply(np.full((1, 28, 28, 1), 250, np.uint8))
+    assert bright.max() == 255  # clipped, not wrapped
+
+
+def test_delta_surrogate_saves_as_an_additive_spec(tmp_path, grey):
+    delta = np.random.default_rng(2).uniform(-10, 10, (28, 28, 1)).astype(np.float32)
+    surrogate = DeltaTrigger(delta_array=delta)
+    spec = surrogate.save(tmp_path / "s")
+    assert np.abs(parse_trigger(spec).apply(grey).astype(int) - surrogate.apply(grey).astype(int)).max() <= 1
+
+
 def test_lsb_changes_only_low_bits(grey):
     out = parse_trigger("lsb:seed=0,bits=2").apply(grey)
     assert np.array_equal(out >> 2, grey >> 2) and not np.array_equal(out, grey)
@@ -92,7 +114,7 @@ def test_lsb_changes_only_low_bits(grey):
 
 def test_spec_round_trips_and_file_forms(tmp_path, grey):
     for trig in (PatchTrigger(size="2", pos="center", fill="noise", seed=3), BlendTrigger(alpha=0.2, seed=2),
-                 AdditiveTrigger(eps="8/255"), LSBTrigger(bits=1, seed=4)):
+                 AdditiveTrigger(eps="8/255"), SIGTrigger(delta=12.5, freq=3), LSBTrigger(bits=1, seed=4)):
         assert np.array_equal(parse_trigger(trig.spec).apply(grey), trig.apply(grey))
     (tmp_path / "t.json").write_text(json.dumps({"kind": "patch", "size": 3, "pos": "top-left"}))
     (tmp_path / "t.yaml").write_text("kind: patch\nsize: 3\npos: top-left\n")
@@ -117,6 +139,9 @@ def test_stamp_pil_keeps_mode():
     ("image:pattern=/nope.png,mask=/nope.png", "not found"),
     ("additive:eps=abc", "eps"),
     ("lsb:bits=9", "bits must be"),
+    ("sig:delta=0", "sig delta"),
+    ("sig:freq=-1", "sig freq"),
+    ("sig:delta=loud", "not a valid"),
     ("patch:3", "no '='"),
     ("", "empty trigger spec"),
 ])

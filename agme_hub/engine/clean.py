@@ -1,10 +1,11 @@
 """The engine's one entry point: ``clean(model, data, ...)`` -> :class:`CleanResult`.
 
-Steps: pick the trigger (given, or a surrogate from trigger inversion), capture the Gram statistics of
-the candidate layers on D and its augmented copies, choose layers and lam by k-fold cross-validation
-on D itself (never on held-out test data; :mod:`.select`), then edit the chosen layers shallow to deep,
-recomputing keys through the layers already edited. No gradients flow through the model being edited.
-The method's knobs are one :class:`~agme_hub.options.MethodOptions`.
+Steps: pick the trigger (given, or surrogates reconstructed without it, :mod:`.surrogates`), capture the Gram
+statistics of the candidate layers on D and its augmented copies, choose layers and lam (and, without the
+trigger, which surrogates to forget) by k-fold cross-validation on D itself (never on held-out test data;
+:mod:`.select`), then edit the chosen layers shallow to deep, recomputing keys through the layers already
+edited. No gradients flow through the model being edited. The method's knobs are one
+:class:`~agme_hub.options.MethodOptions`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from ..options import MethodOptions
 from ..progress import ProgressCallback, StageCounter
 from ..triggers import Trigger, parse_trigger
 from .classifier import ClassifierView, as_classifier, unwrap
-from .edit import GramStats, apply_edit, augmented_pairs, bn_batches, collect_stats, recompute_batchnorm
-from .inversion import TargetDetection, detect_target, invert_trigger
+from .edit import (GramStats, apply_edit, augmented_pairs, bn_batches, collect_stats, forget_sum,
+                   recompute_batchnorm)
+from .inversion import TargetDetection, detect_target
 from .layers import Candidates, classifier_name, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, measured_images, predict
 from .repair import collect_refit_stats, solve_refit
 from .replay import reads_from
 from .select import CachedBoundary, Selection, _cross_validate
+from .surrogates import Surrogate, forget_sets, reconstruct_surrogates
 
 __all__ = ["clean", "evaluate", "CleanResult", "Selection", "Timings", "inspect_layers"]
 
@@ -64,7 +67,7 @@ class CleanResult:
 
     model: torch.nn.Module
     mode: str  # "bdk" or "no-bdk"
-    trigger: Trigger  # the trigger used for the edit (given, or the surrogate)
+    trigger: Trigger  # the trigger used for the edit (given, or the first surrogate it forgot)
     trigger_kind: str  # "given" or "surrogate"
     target: int | None
     target_detected: bool
@@ -85,6 +88,8 @@ class CleanResult:
     device: str = "cpu"  # where the clean ran (the returned models are back where the caller's model was)
     batch_size: int = 0  # images per forward pass it used
     refitted: str | None = None  # the classifier re-fitted by the repair's second pass (engine/repair.py), if any
+    surrogates: tuple[Surrogate, ...] = ()  # no-BDK: every surrogate reconstructed
+    forgotten: tuple[Trigger, ...] = ()  # the triggers the edit forgot (the given one, or the chosen surrogates)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +100,8 @@ class _TriggerChoice:
     target: int
     detection: TargetDetection | None
     seconds: float | None
+    forget: dict[str, tuple[Trigger, ...]]  # the sets of triggers an edit may forget together (one when given)
+    surrogates: tuple[Surrogate, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +112,8 @@ class _LayerChoice:
     selection: Selection | None
     candidates: Candidates | None
     captured: dict[str, GramStats]  # statistics over all of D on the unedited model, from the cross-validation
-    boundary: CachedBoundary | None  # the chosen group's boundary outputs on every augmented copy, when kept
+    boundaries: dict[int, CachedBoundary]  # the chosen group's boundary outputs per forgotten trigger, when kept
+    forget: tuple[Trigger, ...]  # the triggers the edit forgets (their forget terms add up)
     seconds: float | None
     capture_seconds: float | None
 
@@ -190,38 +198,41 @@ def clean(model: torch.nn.Module, data: ImageSet, *,
         unrepaired = unwrap(unrepaired) if unrepaired is not None else None
     timings = Timings(inversion=chosen.seconds, selection=layers.seconds, selection_capture=layers.capture_seconds,
                       **final_seconds)
-    return CleanResult(model=edited, mode=chosen.mode, trigger=chosen.trigger, trigger_kind=chosen.kind,
+    return CleanResult(model=edited, mode=chosen.mode, trigger=layers.forget[0], trigger_kind=chosen.kind,
                        target=chosen.target, target_detected=target is None, detection=chosen.detection,
                        layers=list(layers.layers), lam=layers.lam, gamma=method.gamma, target_weight=weight,
                        augment_copies=method.augment_copies, bn_stats=method.bn_stats, seed=method.seed,
                        n_edit_images=len(data), selection=layers.selection, candidates=layers.candidates,
                        timings=timings, unrepaired_model=unrepaired, protect=layers.protect, device=str(run_on),
-                       batch_size=batch, refitted=refitted)
+                       batch_size=batch, refitted=refitted, surrogates=chosen.surrogates, forgotten=layers.forget)
 
 
 def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None, target: int | None, *,
                     method: MethodOptions, preprocess: Preprocessor, batch: int,
                     progress: ProgressCallback | None) -> _TriggerChoice:
-    """The trigger to edit with and the target: given, picked from the trigger, or from trigger inversion."""
+    """The trigger(s) to edit with and the target: given, picked from the trigger, or surrogates and detection."""
     if trigger is not None:
         used = parse_trigger(trigger)
         if target is None:
             target = _pick_target_from_trigger(model, data, used, preprocess, batch)
-        return _TriggerChoice(mode="bdk", kind="given", trigger=used, target=target, detection=None, seconds=None)
+        return _TriggerChoice(mode="bdk", kind="given", trigger=used, target=target, detection=None, seconds=None,
+                              forget={"given": (used,)})
     start = time.perf_counter()
     detection = None
-    classes = data.num_classes if target is None else 1
-    steps = StageCounter(progress, "inversion", classes * method.inversion_steps, "steps")
+    patch = None
+    # detection inverts every class, and its patch surrogate of the detected class is reused
+    runs = len(method.surrogates) + (data.num_classes - int("patch" in method.surrogates) if target is None else 0)
+    steps = StageCounter(progress, "inversion", runs * method.inversion_steps, "steps")
     if target is None:
         detection = detect_target(model, data, steps=method.inversion_steps, seed=method.seed, eval_batch_size=batch,
                                   progress=steps)
         target = detection.target
-        used = detection.inversions[target].trigger
-    else:
-        used = invert_trigger(model, data, target, steps=method.inversion_steps, seed=method.seed,
-                              eval_batch_size=batch, progress=steps).trigger
-    return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=used, target=target, detection=detection,
-                          seconds=time.perf_counter() - start)
+        patch = detection.inversions[target]  # the patch surrogate of the detected class is already made
+    surrogates = reconstruct_surrogates(model, data, target, method.surrogates, steps=method.inversion_steps,
+                                        seed=method.seed, patch=patch, eval_batch_size=batch, progress=steps)
+    return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=next(iter(surrogates.values())).trigger,
+                          target=target, detection=detection, seconds=time.perf_counter() - start,
+                          forget=forget_sets(surrogates), surrogates=tuple(surrogates.values()))
 
 
 def _pick_target_from_trigger(model: torch.nn.Module, data: ImageSet, trigger: Trigger,
@@ -242,21 +253,24 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
         candidates = find_candidates(model, preprocess(data.images[:2]).to(model_device(model)))
         groups = candidates.groups
     if method.lam is not None and len(groups) == 1:
-        # lam and layers given: no cross-validation, so the repair is the weight alone
+        # lam and layers given: no cross-validation, so the repair is the weight alone and every surrogate is
+        # forgotten (the last set is all of them)
         return _LayerChoice(layers=next(iter(groups.values())), lam=float(method.lam), protect=None, selection=None,
-                            candidates=candidates, captured={}, boundary=None, seconds=None, capture_seconds=None)
+                            candidates=candidates, captured={}, boundaries={}, seconds=None, capture_seconds=None,
+                            forget=list(chosen.forget.values())[-1])
     if len(data) < method.folds:
         raise DataError(f"cross-validation needs at least {method.folds} edit images; pass --lam and --layers")
     grid = (method.lam,) if method.lam is not None else method.lam_grid
     start = time.perf_counter()
     selection, capture_seconds, captured, boundaries = _cross_validate(
-        model, data, chosen.trigger, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
+        model, data, chosen.forget, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
         protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay, batch_size=batch,
         progress=progress)
     return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
-                        candidates=candidates, captured=captured, boundary=boundaries.get(selection.group),
-                        seconds=time.perf_counter() - start, capture_seconds=capture_seconds)
+                        candidates=candidates, captured=captured, boundaries=boundaries,
+                        seconds=time.perf_counter() - start, capture_seconds=capture_seconds,
+                        forget=chosen.forget[selection.forget])
 
 
 def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
@@ -273,7 +287,6 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
     Returns each layer's statistics, its original weight matrix, and the seconds of capture, solve and bn_stats.
     """
     seconds = {"capture": 0.0, "solve": 0.0, "bn_stats": 0.0}
-    used = chosen.trigger
     w0 = {n: _weight_matrix(original, n) for n in layers.layers}
     final_stats: dict[str, GramStats] = {}
     edits = StageCounter(progress, "edit", len(layers.layers), "layers")
@@ -286,11 +299,14 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
                                                                      preprocess(data.images[:1]).to(model_device(edited))):
             final_stats[name] = layers.captured[name]
         else:
-            pairs = augmented_pairs(data.images, data.labels, used, copies=method.augment_copies, seed=method.seed,
-                                    flip=method.flip, batch_size=max(1, batch // 2))
-            captured = StageCounter(progress, "capture", 2 * len(data) * (method.augment_copies + 1), "images")
-            final_stats[name] = _capture_one(edited, name, pairs, preprocess, chosen.target,
-                                             layers.boundary if shortcut else None, progress=captured)
+            # one capture per forgotten trigger, on the same augmented clean images (same seed); forget terms add
+            captured = StageCounter(progress, "capture", 2 * len(data) * (method.augment_copies + 1) * len(layers.forget),
+                                    "images")
+            final_stats[name] = forget_sum([_capture_one(
+                edited, name, augmented_pairs(data.images, data.labels, used, copies=method.augment_copies,
+                                              seed=method.seed, flip=method.flip, batch_size=max(1, batch // 2)),
+                preprocess, chosen.target, layers.boundaries.get(id(used)) if shortcut else None, progress=captured)
+                for used in layers.forget])
         seconds["capture"] += time.perf_counter() - start
         start = time.perf_counter()
         apply_edit(edited, {name: final_stats[name]}, lam=layers.lam, gamma=method.gamma, target_weight=weight,
@@ -298,7 +314,7 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
         seconds["solve"] += time.perf_counter() - start
         if method.bn_stats == "recompute":
             start = time.perf_counter()
-            recompute_batchnorm(edited, name, bn_batches(data.images, used, preprocess))
+            recompute_batchnorm(edited, name, bn_batches(data.images, layers.forget, preprocess))
             seconds["bn_stats"] += time.perf_counter() - start
         edits.advance()
     edited.eval()

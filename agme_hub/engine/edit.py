@@ -36,7 +36,7 @@ from ..triggers import Trigger
 from .capture import StopForward, capture_activations
 from .layers import EditableLayer, editable_layer, key_block
 
-__all__ = ["GramStats", "PairBatch", "augmented_pairs", "collect_stats", "solve_edit", "apply_edit",
+__all__ = ["GramStats", "PairBatch", "augmented_pairs", "collect_stats", "forget_sum", "solve_edit", "apply_edit",
            "recompute_batchnorm", "bn_batches", "key_block"]
 
 
@@ -88,6 +88,19 @@ class GramStats:
     def __sub__(self, other: "GramStats") -> "GramStats":
         return GramStats(self.cc - other.cc, self.cc_target - other.cc_target, self.tt - other.tt,
                          self.ct - other.ct, self.rows - other.rows, self.block)
+
+
+def forget_sum(stats: list[GramStats]) -> GramStats:
+    """One edit that forgets several triggers: ``sum_s gamma ||W kt_s - W0 kc||^2`` beside one preserve term.
+
+    Each element holds the statistics of the same clean keys (the same images and augmentation) paired with
+    one trigger's keys, so the preserve terms are equal and counted once; the forget terms ``Ctt``, ``Cct`` add.
+    """
+    if len(stats) == 1:
+        return stats[0]
+    first = stats[0]
+    return GramStats(first.cc, first.cc_target, first.tt + sum(s.tt for s in stats[1:]),
+                     first.ct + sum(s.ct for s in stats[1:]), first.rows, first.block)
 
 
 def solve_edit(w0: torch.Tensor, stats: GramStats, *, lam: float, gamma: float,
@@ -274,10 +287,10 @@ def apply_edit(model: torch.nn.Module, stats: dict[str, GramStats], *, lam: floa
                                            protect=protect))
 
 
-def bn_batches(images: np.ndarray, trigger: Trigger, preprocess: Preprocessor) -> list[torch.Tensor]:
-    """Clean and triggered images of D, preprocessed, in batches of ``BN_RECOMPUTE_BATCH`` of each."""
+def bn_batches(images: np.ndarray, triggers: tuple[Trigger, ...], preprocess: Preprocessor) -> list[torch.Tensor]:
+    """Clean images of D and their copies under every trigger, preprocessed, ``BN_RECOMPUTE_BATCH`` clean per batch."""
     chunks = [images[i:i + BN_RECOMPUTE_BATCH] for i in range(0, len(images), BN_RECOMPUTE_BATCH)]
-    return [preprocess(np.concatenate([chunk, trigger.apply(chunk)])) for chunk in chunks]
+    return [preprocess(np.concatenate([chunk] + [trigger.apply(chunk) for trigger in triggers])) for chunk in chunks]
 
 
 @torch.no_grad()

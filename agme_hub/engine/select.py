@@ -1,10 +1,11 @@
 """Choosing layers and lam by k-fold cross-validation on the edit images themselves (never on test data).
 
-Every (layer group, lam) is scored on the held-out fold after an edit built from the other folds; the
-Gram statistics of a fold are subtracted from the total, so the activations are captured once, for every
-candidate layer in the same pass. That pass also keeps, per group, the output of a boundary module before
-the group's first layer (:mod:`.replay`), so that each fold and setting runs only the part of the network
-the edit can change.
+Every (triggers to forget, layer group, lam) is scored on the held-out fold after an edit built from the other
+folds; the Gram statistics of a fold are subtracted from the total, so the activations are captured once per
+trigger, for every candidate layer in the same pass. Without backdoor knowledge the triggers are surrogates
+(several sets of them) and the ASR on the held-out fold is that of every surrogate, the same proxy for every
+set. The capture pass also keeps, per group, the output of a boundary module before the group's first layer
+(:mod:`.replay`), so that each fold and setting runs only the part of the network the edit can change.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..progress import ProgressCallback, StageCounter
 from ..triggers import Trigger
 from .capture import capture_activations
 from .classifier import logits_of
-from .edit import GramStats, PairBatch, apply_edit, augmented_pairs, collect_stats
+from .edit import GramStats, PairBatch, apply_edit, augmented_pairs, collect_stats, forget_sum
 from .layers import editable_layer
 from .metrics import predict
 from .replay import Replay, plan_replay
@@ -59,14 +60,17 @@ class Selection:
     folds: int
     table: list[dict[str, float | str | None]]  # one row per (group, lam, protect): held-out CA, TA, ASR, score
     protect: float | None = None  # the repair's null-space constraint (edit.solve_edit), None = the weight only
+    forget: str = "given"  # the set of triggers forgotten: "given", or surrogates such as "patch", "patch+full"
 
     def describe(self) -> str:
-        best = next(r for r in self.table
-                    if r["group"] == self.group and r["lam"] == self.lam and r.get("protect") == self.protect)
+        best = next(r for r in self.table if r["group"] == self.group and r["lam"] == self.lam
+                    and r.get("protect") == self.protect and r.get("forget", "given") == self.forget)
         protected = f", target keys protected to {self.protect:g} of their energy" if self.protect else ""
+        forgets = "" if self.forget == "given" else f", forgetting the {self.forget} surrogate(s)"
+        asr = "ASR" if self.forget == "given" else "surrogate ASR"
         return (f"{self.folds}-fold cross-validation on the edit images chose {self.group} "
-                f"({', '.join(self.layers)}) with lam={self.lam:g}{protected}: held-out CA {best['ca']:.1%}, "
-                f"TA {best['ta']:.1%}, ASR {best['asr']:.1%} ({len(self.table)} settings tried)")
+                f"({', '.join(self.layers)}) with lam={self.lam:g}{protected}{forgets}: held-out CA {best['ca']:.1%}, "
+                f"TA {best['ta']:.1%}, {asr} {best['asr']:.1%} ({len(self.table)} settings tried)")
 
 
 def _stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -84,90 +88,113 @@ def _score(ca: float, ta: float, asr: float) -> float:
     return ca + 0.5 * ta - 2.0 * asr
 
 
-def _cross_validate(model: torch.nn.Module, data: ImageSet, trigger: Trigger, target: int,
+def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tuple[Trigger, ...]], target: int,
                     preprocess: Preprocessor, groups: dict[str, list[str]], lams: tuple[float, ...], *,
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
                     flip: bool, protects: tuple[float | None, ...] = (None,), replay: bool = True,
                     batch_size: int = 512, progress: ProgressCallback | None = None
-                    ) -> tuple[Selection, float, dict[str, GramStats], dict[str, CachedBoundary]]:
-    """Leave-one-fold-out over (group, lam, protect); statistics of a fold are subtracted from the total.
+                    ) -> tuple[Selection, float, dict[str, GramStats], dict[int, CachedBoundary]]:
+    """Leave-one-fold-out over (forget set, group, lam, protect); a fold's statistics are subtracted from the total.
 
-    Also returns the seconds spent capturing, the statistics over all of D, which the final edit reuses,
-    and per group the cached boundary outputs of every augmented copy when they were kept (see
-    :data:`KEEP_COPIES_BYTES`). ``replay=False`` runs the whole network for every prediction (the reference).
-    ``batch_size``: images per forward pass (a clean and a triggered image per pair).
+    ``forget`` names the sets of triggers an edit may forget together (one set, ``{"given": (trigger,)}``, with
+    backdoor knowledge). The held-out ASR is the mean over every trigger of every set, whichever set the edit
+    forgot. Also returns the seconds spent capturing, the chosen set's statistics over all of D, which the
+    final edit reuses, and for the chosen group the cached boundary outputs of every augmented copy, per
+    trigger (``id(trigger)``), when they were kept (see :data:`KEEP_COPIES_BYTES`). ``replay=False`` runs the
+    whole network for every prediction (the reference). ``batch_size``: images per forward pass.
     """
     fold_of = _stratified_folds(data.labels, folds, seed)
     names = list(dict.fromkeys(n for group in groups.values() for n in group))
-    triggered = trigger.apply(data.images)
+    triggers = list({id(t): t for members in forget.values() for t in members}.values())
+    probes = [t.apply(data.images) for t in triggers]
     start = time.perf_counter()
     device = model_device(model)
     plans: dict[str, Replay] = {}
     if replay:
-        sample = preprocess(np.concatenate([data.images[:2], triggered[:2]])).to(device)
+        sample = preprocess(np.concatenate([data.images[:2], probes[0][:2]])).to(device)
         plans = {g: p for g, layer_names in groups.items() if (p := plan_replay(model, layer_names, sample)) is not None}
     boundaries = list(dict.fromkeys(p.boundary for p in plans.values()))
-    per_copy = 2 * len(data) * sum(p.bytes_per_image() for p in {p.boundary: p for p in plans.values()}.values())
+    per_copy = (1 + len(triggers)) * len(data) * sum(p.bytes_per_image()
+                                                     for p in {p.boundary: p for p in plans.values()}.values())
     keep_copies = copies + 1 if per_copy * (copies + 1) <= KEEP_COPIES_BYTES else 1
-    # per boundary and kept copy: the (clean rows, triggered rows) of every batch, in the order of D
-    kept: dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {b: [[] for _ in range(keep_copies)]
-                                                                      for b in boundaries}
-    captured = StageCounter(progress, "capture", 2 * len(data) * (copies + 1), "images")
+    # per boundary and kept copy: the clean rows (from the first trigger's pass: every trigger's pass sees the
+    # same augmented clean images) and, per trigger, the triggered rows of every batch, in the order of D
+    kept_clean = {b: [[] for _ in range(keep_copies)] for b in boundaries}
+    kept_triggered = {(b, i): [[] for _ in range(keep_copies)] for b in boundaries for i in range(len(triggers))}
+    captured = StageCounter(progress, "capture", 2 * len(data) * (copies + 1) * len(triggers), "images")
+    by_trigger = {}
     with capture_activations(model, boundaries, retain_input=False, retain_output=True) as keep:
-        def run(batch: PairBatch) -> object:
-            try:
-                return model(torch.cat([preprocess(batch.clean), preprocess(batch.triggered)]).to(device))
-            finally:  # every boundary precedes the layers whose capture ends the pass early
-                if batch.copy < keep_copies:
-                    n = len(batch.labels)
-                    for b in boundaries:
-                        out = keep[b].output
-                        kept[b][batch.copy].append((out[:n], out[n:]))
+        for i, trigger in enumerate(triggers):
+            def run(batch: PairBatch, i: int = i) -> object:
+                try:
+                    return model(torch.cat([preprocess(batch.clean), preprocess(batch.triggered)]).to(device))
+                finally:  # every boundary precedes the layers whose capture ends the pass early
+                    if batch.copy < keep_copies:
+                        n = len(batch.labels)
+                        for b in boundaries:
+                            out = keep[b].output
+                            if i == 0:
+                                kept_clean[b][batch.copy].append(out[:n])
+                            kept_triggered[b, i][batch.copy].append(out[n:])
 
-        stats = collect_stats(model, names, augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed,
-                                                            flip=flip, batch_size=max(1, batch_size // 2)),
-                              preprocess, target=target, folds=fold_of, num_folds=folds, run=run, progress=captured)
-    cached = {group: CachedBoundary(plan, [torch.cat([c for c, _ in batches]) for batches in kept[plan.boundary]],
-                                    [torch.cat([t for _, t in batches]) for batches in kept[plan.boundary]])
+            # the same seed gives every trigger the same augmented clean images
+            pairs = augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed, flip=flip,
+                                    batch_size=max(1, batch_size // 2))
+            by_trigger[id(trigger)] = collect_stats(model, names, pairs, preprocess, target=target, folds=fold_of,
+                                                    num_folds=folds, run=run, progress=captured)
+    # per group, per trigger: its replay plan and the boundary outputs
+    cached = {group: {id(t): CachedBoundary(plan, [torch.cat(rows) for rows in kept_clean[plan.boundary]],
+                                            [torch.cat(rows) for rows in kept_triggered[plan.boundary, i]])
+                      for i, t in enumerate(triggers)}
               for group, plan in plans.items()}
     capture_seconds = time.perf_counter() - start
-    total = {n: sum(s[1:], s[0]) for n, s in stats.items()}
+    stats = {name: {n: [forget_sum([by_trigger[id(t)][n][f] for t in members]) for f in range(folds)] for n in names}
+             for name, members in forget.items()}
+    totals = {name: {n: sum(s[1:], s[0]) for n, s in per_layer.items()} for name, per_layer in stats.items()}
+    is_target = data.labels == target
     trial = copy.deepcopy(model)
     table = []
-    trials = StageCounter(progress, "selection", len(groups) * len(lams) * len(protects) * folds, "trial edits")
-    for group, layer_names in groups.items():
-        boundary = cached.get(group)
-        # Each trial edit rewrites every layer of the group from its original weights: restoring the whole
-        # model once per group is enough (a state_dict copy per fold costs more than a small model's solve).
-        trial.load_state_dict(model.state_dict())
-        w0 = {n: editable_layer(model, n).weight_matrix() for n in layer_names}
-        for lam, protect in ((lam, protect) for lam in lams for protect in protects):
-            clean_pred = np.empty(len(data), np.int64)
-            trig_pred = np.empty(len(data), np.int64)
-            for fold in range(folds):
-                held = np.flatnonzero(fold_of == fold)
-                if len(held) == 0:
-                    continue
-                apply_edit(trial, {n: total[n] - stats[n][fold] for n in layer_names}, lam=lam, gamma=gamma,
-                           target_weight=target_weight, protect=protect, original=w0)
-                if boundary is not None:
-                    clean_pred[held] = _predict_replayed(trial, boundary.plan, boundary.clean[0][held], batch_size)
-                    trig_pred[held] = _predict_replayed(trial, boundary.plan, boundary.triggered[0][held], batch_size)
-                else:
-                    clean_pred[held] = predict(trial, data.images[held], preprocess, batch_size=batch_size)
-                    trig_pred[held] = predict(trial, triggered[held], preprocess, batch_size=batch_size)
-                trials.advance()
-            is_target = data.labels == target
-            ca = float((clean_pred == data.labels).mean())
-            ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
-            asr = float((trig_pred[~is_target] == target).mean()) if (~is_target).any() else 0.0
-            table.append({"group": group, "lam": lam, "protect": protect, "ca": ca, "ta": ta, "asr": asr,
-                          "score": _score(ca, ta, asr)})
-    best = max(table, key=lambda r: r["score"])  # first best wins: entry before neck and classifier, small lam first
+    trials = StageCounter(progress, "selection", len(forget) * len(groups) * len(lams) * len(protects) * folds,
+                          "trial edits")
+    for forget_name in forget:
+        for group, layer_names in groups.items():
+            boundary = cached.get(group)
+            # Each trial edit rewrites every layer of the group from its original weights: restoring the whole
+            # model once per group is enough (a state_dict copy per fold costs more than a small model's solve).
+            trial.load_state_dict(model.state_dict())
+            w0 = {n: editable_layer(model, n).weight_matrix() for n in layer_names}
+            for lam, protect in ((lam, protect) for lam in lams for protect in protects):
+                clean_pred = np.empty(len(data), np.int64)
+                probe_pred = np.empty((len(probes), len(data)), np.int64)
+                for fold in range(folds):
+                    held = np.flatnonzero(fold_of == fold)
+                    if len(held) == 0:
+                        continue
+                    apply_edit(trial, {n: totals[forget_name][n] - stats[forget_name][n][fold] for n in layer_names},
+                               lam=lam, gamma=gamma, target_weight=target_weight, protect=protect, original=w0)
+                    if boundary is not None:
+                        first = boundary[id(triggers[0])]
+                        clean_pred[held] = _predict_replayed(trial, first.plan, first.clean[0][held], batch_size)
+                        for i, t in enumerate(triggers):
+                            probe_pred[i, held] = _predict_replayed(trial, first.plan,
+                                                                    boundary[id(t)].triggered[0][held], batch_size)
+                    else:
+                        clean_pred[held] = predict(trial, data.images[held], preprocess, batch_size=batch_size)
+                        for i, triggered in enumerate(probes):
+                            probe_pred[i, held] = predict(trial, triggered[held], preprocess, batch_size=batch_size)
+                    trials.advance()
+                ca = float((clean_pred == data.labels).mean())
+                ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
+                asr = float((probe_pred[:, ~is_target] == target).mean()) if (~is_target).any() else 0.0
+                table.append({"forget": forget_name, "group": group, "lam": lam, "protect": protect, "ca": ca,
+                              "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
+    # first best wins: the first forget set, entry before neck and classifier, small lam first
+    best = max(table, key=lambda r: r["score"])
     selection = Selection(group=str(best["group"]), layers=groups[str(best["group"])], lam=float(best["lam"]),
-                          target_weight=target_weight, folds=folds, table=table, protect=best["protect"])
-    full = {g: c for g, c in cached.items() if len(c.clean) == copies + 1}
-    return selection, capture_seconds, total, full
+                          target_weight=target_weight, folds=folds, table=table, protect=best["protect"],
+                          forget=str(best["forget"]))
+    chosen = {key: c for key, c in cached.get(selection.group, {}).items() if len(c.clean) == copies + 1}
+    return selection, capture_seconds, totals[selection.forget], chosen
 
 
 @torch.inference_mode()
