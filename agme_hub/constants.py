@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
-    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "DEFAULT_PROTECT_GRID", "cache_dir",
+    "DEFAULT_TARGET_WEIGHT", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS", "BACKDOOR_SUSPECTED_EXIT_CODE", "DEFAULT_PROTECT_GRID", "cache_dir",
     "is_debug", "is_true",
 ]
 
@@ -31,6 +31,8 @@ DEFAULT_GAMMA = 1.0
 DEFAULT_AUGMENT_COPIES = 9
 DEFAULT_TARGET_WEIGHT = 4.0  # repair: weight of the preserve term of clean target-class images
 DEFAULT_INVERSION_STEPS = 200  # Adam steps of trigger inversion (no-BDK)
+# `agme scan`'s exit status when it suspects a backdoor: not an error, a verdict scripts and CI can gate on.
+BACKDOOR_SUSPECTED_EXIT_CODE = 40
 DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
 # Repair: fractions of the clean target-class keys' energy the update may not touch (null-space editing),
 # offered to the cross-validation; None = the weight alone. Off by default: it doubles the cross-validation's

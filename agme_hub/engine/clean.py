@@ -23,7 +23,8 @@ from ..options import MethodOptions
 from ..triggers import Trigger, parse_trigger
 from .classifier import ClassifierView, as_classifier, unwrap
 from .edit import GramStats, apply_edit, augmented_pairs, collect_stats, recompute_batchnorm
-from .inversion import TargetDetection, detect_target, invert_trigger
+from .detection import detect_target_fast
+from .inversion import TargetDetection, invert_trigger
 from .layers import Candidates, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, predict
 from .select import Selection, _cross_validate
@@ -77,6 +78,9 @@ class CleanResult:
     timings: Timings
     unrepaired_model: torch.nn.Module | None = None  # the same edit without the repair (for reporting)
     protect: float | None = None  # the repair's null-space constraint on the target-class keys (chosen by CV)
+    # False when neither trigger nor target was given and detection found no evidence of a backdoor: an edit
+    # against the surrogate of an ordinary class could only cost accuracy, so the model is returned unchanged.
+    edited: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +115,9 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
             untouched unless ``inplace``. The result's model is of the same kind.
         data: the clean, unseen images used for editing (raw, with labels).
         trigger: the known trigger (BDK mode); ``None`` reconstructs a surrogate (no-BDK mode).
-        target: the target class; ``None`` detects it (from the trigger, or by inversion of every class).
+        target: the target class; ``None`` detects it (from the trigger, or by trigger inversion ranked over all
+            classes, :mod:`.detection`). With neither trigger nor target, a model in which detection finds no
+            outlier is returned unchanged (``edited=False``): there is no evidence of a backdoor to remove.
         method: the method's knobs (repair, layers, lam, gamma, ...; see :class:`MethodOptions`);
             ``None``: the defaults.
         inplace: edit ``model`` itself instead of a copy.
@@ -138,6 +144,14 @@ def clean(model: torch.nn.Module, data: ImageSet, *, trigger: str | Trigger | No
     weight = method.target_weight if method.repair else 1.0
 
     chosen = _choose_trigger(original, data, trigger, target, method=method, preprocess=preprocess)
+    if chosen.detection is not None and not chosen.detection.flagged:
+        unchanged = unwrap(edited) if model is not caller_model and not isinstance(caller_model, ClassifierView) \
+            else edited
+        return CleanResult(model=unchanged, mode=chosen.mode, trigger=chosen.trigger, trigger_kind=chosen.kind,
+                           target=chosen.target, target_detected=True, detection=chosen.detection, layers=[], lam=0.0,
+                           gamma=method.gamma, target_weight=weight, augment_copies=method.augment_copies,
+                           bn_stats=method.bn_stats, seed=method.seed, n_edit_images=len(data), selection=None,
+                           candidates=None, timings=Timings(inversion=chosen.seconds), edited=False)
     layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight)
     final_stats, w0, final_seconds = _final_edit(edited, original, data, chosen, layers, method=method,
                                                  preprocess=preprocess, weight=weight)
@@ -172,7 +186,7 @@ def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigg
     start = time.perf_counter()
     detection = None
     if target is None:
-        detection = detect_target(model, data, steps=method.inversion_steps, seed=method.seed)
+        detection = detect_target_fast(model, data, steps=method.inversion_steps, seed=method.seed)
         target = detection.target
         used = detection.inversions[target].trigger
     else:
