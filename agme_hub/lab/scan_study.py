@@ -107,10 +107,10 @@ def _accuracy(names: list[str]) -> None:
         start = time.perf_counter()
         result = scan_model(model, data)
         seconds = time.perf_counter() - start
-        leader = result.ranking[0]
         print(f"{name:<24} backdoored={spec.backdoored!s:<5} target={spec.target:>2}  verdict={result.verdict:<18} "
               f"detected={result.target:>2} index={result.anomaly_index:5.2f} mask={result.mask_l1:6.1f} "
-              f"success={result.attack_success:.2f} leader={leader[0]} ({seconds:.0f} s)", flush=True)
+              f"success={result.attack_success:.2f} ({seconds:.0f} s); first 3 of the ranking (class, mask, index): "
+              f"{[(r.index, r.mask_l1, r.anomaly_index) for r in result.ranking[:3]]}", flush=True)
 
 
 def main(argv: list[str]) -> None:
