@@ -402,7 +402,8 @@ def _context(report: CleanReport) -> dict[str, Any]:
     sha = report.provenance.weights_sha256
     return {
         "marker": AGME_MARKER,
-        "title": f"{name}: backdoor removed with agme",
+        "title": (f"{name}: checked by agme, no evidence of a backdoor" if report.target.evidence is False
+                  else f"{name}: backdoor removed with agme"),
         "summary": _summary(report, name),
         "status_note": _status_note(report),
         "metric_rows": _metric_rows(report),
