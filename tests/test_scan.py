@@ -22,7 +22,7 @@ from agme_hub.engine.detection import detect_target_fast, screen_classes
 from agme_hub.engine.metrics import measure
 from agme_hub.hub.checkpoint import load_model
 from agme_hub.lab.backdoor import create_classifier
-from agme_hub.lab.scan_study import STUDY_MODELS, study_model
+from agme_hub.lab.scan_study import STUDY_MODELS, edit_images, study_model
 from agme_hub.report import CleanReport
 from cli import app
 
@@ -74,7 +74,12 @@ def test_scan_finds_no_evidence_in_a_clean_model_and_writes_nothing(scan_data, t
 def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(scan_data, tmp_path):
     source = study_model("fmnist-clean-s0")
     out = tmp_path / "out"
-    result = runner.invoke(app, ["clean", str(source), "--data", str(scan_data), "--out", str(out), "--json"])
+    held_out = load_images("fashion-mnist")
+    held_out = held_out.subset(balanced_indices(held_out.labels, 50, seed=11))
+    eval_path = tmp_path / "held_out.npz"
+    np.savez(eval_path, x=held_out.images, y=held_out.labels)
+    result = runner.invoke(app, ["clean", str(source), "--data", str(scan_data), "--eval-data", str(eval_path),
+                                 "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = CleanReport.load(out)
     assert report.target.detected and report.target.evidence is False
@@ -83,8 +88,6 @@ def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(scan_data, 
     before, after = load_model(source), load_model(out)
     for (name, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()):
         assert torch.equal(a, b), name
-    held_out = load_images("fashion-mnist")
-    held_out = held_out.subset(balanced_indices(held_out.labels, 50, seed=11))
     ca = [measure(m, held_out, Preprocessor.from_model(m)).clean_accuracy for m in (before, after)]
     assert ca[0] - ca[1] <= 0.005
     assert (out / REPORT_NAME).is_file() and (out / WEIGHTS_NAME).is_file()
@@ -93,9 +96,7 @@ def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(scan_data, 
 def test_twenty_classes_detection_finds_the_target():
     spec = STUDY_MODELS["twenty-white-br-t13"]
     model = load_model(study_model(spec.name))
-    data = load_images(spec.dataset)
-    data = data.subset(balanced_indices(data.labels, 10, seed=3))
-    detection = detect_target_fast(model, data)
+    detection = detect_target_fast(model, edit_images(spec.dataset))  # 10 clean test images per class
     assert detection.target == spec.target and detection.flagged
 
 
