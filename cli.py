@@ -265,8 +265,12 @@ def _render_clean(report: Any, *, as_json: bool, verbose: bool = False) -> None:
     if target.detected and target.anomaly_index is not None:
         err_console.print(f"detected target {target.index} (anomaly index {target.anomaly_index}; "
                           f"> 2 is an outlier); confirm with --target")
-    err_console.print(f"edited {', '.join(method.layers or [])} with lam={method.lam:g}, gamma={method.gamma:g}; "
-                      f"{method.selection}")
+    if target.evidence is False:
+        err_console.print(f"no evidence of a backdoor: the model was written unchanged ({method.selection}); "
+                          "pass --target to edit anyway")
+    else:
+        err_console.print(f"edited {', '.join(method.layers or [])} with lam={method.lam:g}, gamma={method.gamma:g}; "
+                          f"{method.selection}")
     err_console.print(f"took {report.timing['total']:.1f} s")
     if verbose:
         err_console.print(report.timing)
@@ -316,6 +320,41 @@ def eval_(source: SourceArg, data: DataOpt = "", trigger: TriggerOpt = None, tar
     for key, _ in api.report.HEADLINE_METRICS:
         table.add_row(key.replace("_", " "), _pct(record.metrics[key]))
     err_console.print(table)
+
+
+@app.command(rich_help_panel="Main")
+@handle_errors
+def scan(source: SourceArg, data: DataOpt = "",
+         per_class: Annotated[Optional[int], typer.Option("--per-class", help="Clean images per class to scan with "
+                                                          "(default: all of --data).")] = None,
+         report: Annotated[Optional[Path], typer.Option("--report", help="Write scan_report.json and the surrogate "
+                                                        "triggers (PNG) to this folder.")] = None,
+         yes: Annotated[bool, typer.Option("--yes", "-y", help="Replace a --report folder agme did not write.")] = False,
+         seed: Annotated[int, typer.Option("--seed", help=HELP["seed"])] = 0,
+         revision: RevisionOpt = None, token: TokenOpt = None, offline: OfflineOpt = False,
+         allow_pickle: PickleOpt = False, as_json: JsonOpt = False) -> None:
+    """Is this model backdoored? Detect only, change nothing. Exit 40 when a backdoor is suspected, 0 when not."""
+    result = api.scan(source, data=data, per_class=per_class, report_dir=report, yes=yes, seed=seed,
+                      revision=revision, token=token, offline=offline, allow_pickle=allow_pickle)
+    if as_json:
+        _emit_json(result)
+    else:
+        table = Table(title=f"{source}: {result.verdict}")
+        for column in ("rank", "class", "label", "mask (screening)", "anomaly index"):
+            table.add_column(column, justify="left" if column == "label" else "right")
+        for rank, entry in enumerate(result.ranking[:10], start=1):
+            table.add_row(str(rank), str(entry.index), escape(entry.label), f"{entry.mask_l1:.1f}",
+                          f"{entry.anomaly_index:.2f}")
+        err_console.print(table)
+        for s in result.suspected or result.inverted[:1]:
+            what = "suspected target" if result.suspected else "leading class (not an outlier)"
+            err_console.print(f"{what}: {s.index} ({escape(s.label)}): anomaly index {s.anomaly_index:.2f} "
+                              f"(> {result.threshold:g} is an outlier), surrogate mask {s.mask_fraction:.1%} of the "
+                              f"image, attack success {s.attack_success:.1%}")
+        if result.report_dir:
+            err_console.print(f"report: {result.report_dir}")
+    if result.backdoor_suspected:
+        raise typer.Exit(api.constants.BACKDOOR_SUSPECTED_EXIT_CODE)
 
 
 @app.command(rich_help_panel="Hub")

@@ -27,6 +27,8 @@ from .app import evaluate_source as evaluate_source
 from .app import inspect_source as inspect_source
 from .app import push_output as push
 from .app import run_clean as run_clean
+from .app import run_scan as scan
+from .app import ScanReport as ScanReport
 from .data import ImageSet as ImageSet
 from .data import Preprocessor as Preprocessor
 from .data import load_images as load_images
@@ -51,5 +53,6 @@ __all__ = [
     "__version__", "clean", "evaluate", "load", "save", "push", "run_clean", "run_demo", "inspect_source",
     "evaluate_source", "load_images", "parse_trigger", "train_backdoored", "BackdoorConfig", "CleanOptions",
     "MethodOptions", "CleanResult", "CleanReport", "ImageSet", "Preprocessor", "Metrics", "render_card",
-    "rerender_card", "errors", "constants", "report", "redact", "batch", "devices", "StageProgress",
+    "rerender_card", "scan", "ScanReport", "errors", "constants", "report", "redact", "batch", "devices",
+    "StageProgress",
 ]

@@ -13,7 +13,7 @@ __all__ = [
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
     "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS",
     "DEFAULT_PROTECT_GRID", "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS", "MAX_KEY_DIM", "MIN_KEY_BLOCK",
-    "BN_RECOMPUTE_BATCH", "cache_dir",
+    "BN_RECOMPUTE_BATCH", "BACKDOOR_SUSPECTED_EXIT_CODE", "cache_dir",
     "is_debug", "is_true",
 ]
 
@@ -35,6 +35,8 @@ DEFAULT_TARGET_WEIGHT = 4.0  # repair: weight of the preserve term of clean targ
 # repair: re-fit the classifier after an edit upstream of it (engine/repair.py; docs/METHOD.md, issue 13)
 DEFAULT_REFIT_CLASSIFIER = False
 DEFAULT_INVERSION_STEPS = 200  # Adam steps of trigger inversion (no-BDK)
+# `agme scan`'s exit status when it suspects a backdoor: not an error, a verdict scripts and CI can gate on.
+BACKDOOR_SUSPECTED_EXIT_CODE = 40
 DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
 # Repair: fractions of the clean target-class keys' energy the update may not touch (null-space editing),
 # offered to the cross-validation; None = the weight alone. Off by default: it doubles the cross-validation's

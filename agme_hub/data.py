@@ -140,15 +140,25 @@ def _load_cifar10_samples(split: str) -> tuple[np.ndarray, np.ndarray, list[str]
     return images, labels, list(CIFAR10_LABELS)
 
 
+def _load_digits_and_fashion(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """MNIST digits as classes 0-9 and Fashion-MNIST items as classes 10-19: a real 20-class set."""
+    digits, digit_labels, digit_names = _load_mnist(split)
+    items, item_labels, item_names = _load_fashion_mnist(split)
+    return (np.concatenate([digits, items]), np.concatenate([digit_labels, item_labels.astype(np.int64) + 10]),
+            [f"digit {name}" for name in digit_names] + list(item_names))
+
+
 BUILTIN_DATASETS = {
     "fashion-mnist": _load_fashion_mnist,
     "mnist": _load_mnist,
+    "mnist+fashion-mnist": _load_digits_and_fashion,
     "cifar10-samples": _load_cifar10_samples,
 }
 
 
 def load_builtin(name: str, split: str = "test") -> ImageSet:
-    """Load a built-in offline dataset: ``fashion-mnist``, ``mnist`` or ``cifar10-samples``."""
+    """Load a built-in offline dataset: ``fashion-mnist``, ``mnist``, ``mnist+fashion-mnist`` (20 classes) or
+    ``cifar10-samples``."""
     if name not in BUILTIN_DATASETS:
         raise DataError(f"unknown dataset {name!r}: use one of {', '.join(BUILTIN_DATASETS)}, a folder or an .npz")
     if split not in {"train", "test"}:

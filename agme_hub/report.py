@@ -178,6 +178,9 @@ class TargetRecord:
     detected: bool | None = None
     anomaly_index: float | None = None
     ranking: list[tuple[int, float]] | None = None  # (class, mask L1), most suspicious first
+    # detection's verdict: True an outlier whose surrogate works (evidence of a backdoor), False none (the model
+    # was left unchanged), None not detected (target given)
+    evidence: bool | None = None
 
     @classmethod
     def from_json(cls, values: Any) -> "TargetRecord":
@@ -188,12 +191,13 @@ class TargetRecord:
         anomaly = _get(values, "anomaly_index")
         return cls(index=_int(_get(values, "index")), label=_str(_get(values, "label")),
                    detected=_bool(_get(values, "detected")),
-                   anomaly_index=float(anomaly) if _finite(anomaly) is not None else None, ranking=rows)
+                   anomaly_index=float(anomaly) if _finite(anomaly) is not None else None, ranking=rows,
+                   evidence=_bool(_get(values, "evidence")))
 
     def to_json(self) -> dict[str, Any]:
         ranking = [list(row) for row in self.ranking] if self.ranking is not None else None
         return {"index": self.index, "label": self.label, "detected": self.detected,
-                "anomaly_index": self.anomaly_index, "ranking": ranking}
+                "anomaly_index": self.anomaly_index, "ranking": ranking, "evidence": self.evidence}
 
 
 @dataclass(frozen=True, kw_only=True)

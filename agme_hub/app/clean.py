@@ -46,10 +46,12 @@ from ..trigger_forms import PairedTrigger
 from ..triggers import MaskTrigger, Trigger, parse_trigger
 
 __all__ = ["run_clean", "push_output", "inspect_source", "evaluate_source",
-           "resolve_target", "default_output_dir", "library_versions", "SURROGATE_DIR",
+           "resolve_target", "default_output_dir", "library_versions", "SURROGATE_DIR", "NO_EVIDENCE_NOTE",
            "Reporter"]
 
 SURROGATE_DIR = "surrogate_trigger"
+# What the report says when neither trigger nor target was given and detection found no outlier.
+NO_EVIDENCE_NOTE = "no edit: detection found no evidence of a backdoor, so the weights were left unchanged"
 
 Reporter = Callable[[str], None]  # receives one line per stage ("capture", ...) for progress display
 
@@ -215,13 +217,16 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
         target=TargetRecord(index=result.target, label=names[result.target] if result.target is not None else None,
                             detected=result.target_detected,
                             anomaly_index=round(detection.anomaly_index, 3) if detection else None,
-                            ranking=[(c, round(norm, 2)) for c, norm, _ in detection.ranking] if detection else None),
+                            ranking=[(c, round(norm, 2)) for c, norm, _ in detection.ranking] if detection else None,
+                            evidence=detection.flagged if detection else None),
         n_edit_images=len(edit_set), per_class=options.per_class,
         data=DataRecord(edit=options.data, eval=eval_what, n_eval_images=len(eval_set)),
-        method=MethodRecord(lam=result.lam, gamma=result.gamma, layers=list(result.layers), repair=options.repair,
+        method=MethodRecord(lam=result.lam if result.edited else None, gamma=result.gamma, layers=list(result.layers),
+                            repair=options.repair,
                             target_weight=result.target_weight, augment_copies=result.augment_copies,
                             bn_stats=result.bn_stats, seed=result.seed,
-                            selection=result.selection.describe() if result.selection else "given by the user"),
+                            selection=(result.selection.describe() if result.selection else "given by the user")
+                            if result.edited else NO_EVIDENCE_NOTE),
         before=MetricValues.of(before), after=MetricValues.of(after),
         after_without_repair=MetricValues.of(without_repair) if without_repair else None,
         asr_measured_with=("triggered twins of the held-out images (--triggered-data)" if paired is not None

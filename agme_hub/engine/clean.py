@@ -26,9 +26,10 @@ from ..options import MethodOptions
 from ..progress import ProgressCallback, StageCounter
 from ..triggers import Trigger, parse_trigger
 from .classifier import ClassifierView, as_classifier, unwrap
+from .detection import detect_target_fast
 from .edit import (GramStats, apply_edit, augmented_pairs, bn_batches, collect_stats, forget_sum,
                    recompute_batchnorm)
-from .inversion import TargetDetection, detect_target
+from .inversion import TargetDetection
 from .layers import Candidates, classifier_name, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, measured_images, predict
 from .repair import collect_refit_stats, solve_refit
@@ -90,6 +91,9 @@ class CleanResult:
     refitted: str | None = None  # the classifier re-fitted by the repair's second pass (engine/repair.py), if any
     surrogates: tuple[Surrogate, ...] = ()  # no-BDK: every surrogate reconstructed
     forgotten: tuple[Trigger, ...] = ()  # the triggers the edit forgot (the given one, or the chosen surrogates)
+    # False when neither trigger nor target was given and detection found no evidence of a backdoor: an edit
+    # against the surrogate of an ordinary class could only cost accuracy, so the model is returned unchanged.
+    edited: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,8 +134,10 @@ def clean(model: torch.nn.Module, data: ImageSet, *,
             untouched unless ``inplace``. The result's model is of the same kind.
         data: the clean, unseen images used for editing (raw, with labels).
         trigger: the known trigger (BDK mode): a spec, a :class:`Trigger` (e.g. a ``PairedTrigger`` of triggered
-            twins of ``data``) or a function of uint8 images; ``None`` reconstructs a surrogate (no-BDK mode).
-        target: the target class; ``None`` detects it (from the trigger, or by inversion of every class).
+            twins of ``data``) or a function of uint8 images; ``None`` reconstructs surrogates (no-BDK mode).
+        target: the target class; ``None`` detects it (from the trigger, or by trigger inversion ranked over all
+            classes, :mod:`.detection`). With neither trigger nor target, a model in which detection finds no
+            outlier is returned unchanged (``edited=False``): there is no evidence of a backdoor to remove.
         method: the method's knobs (repair, layers, lam, gamma, ...; see :class:`MethodOptions`);
             ``None``: the defaults.
         inplace: edit ``model`` itself instead of a copy.
@@ -174,6 +180,16 @@ def clean(model: torch.nn.Module, data: ImageSet, *,
 
     chosen = _choose_trigger(original, data, trigger, target, method=method, preprocess=preprocess, batch=batch,
                              progress=progress)
+    if chosen.detection is not None and not chosen.detection.flagged:
+        unchanged = edited.to(home) if run_on != home else edited
+        if model is not caller_model and not isinstance(caller_model, ClassifierView):
+            unchanged = unwrap(unchanged)
+        return CleanResult(model=unchanged, mode=chosen.mode, trigger=chosen.trigger, trigger_kind=chosen.kind,
+                           target=chosen.target, target_detected=True, detection=chosen.detection, layers=[], lam=0.0,
+                           gamma=method.gamma, target_weight=weight, augment_copies=method.augment_copies,
+                           bn_stats=method.bn_stats, seed=method.seed, n_edit_images=len(data), selection=None,
+                           candidates=None, timings=Timings(inversion=chosen.seconds), device=str(run_on),
+                           batch_size=batch, surrogates=chosen.surrogates, edited=False)
     layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight, batch=batch,
                             progress=progress, replay=replay)
     final_stats, w0, final_seconds = _final_edit(edited, original, data, chosen, layers, method=method,
@@ -220,14 +236,18 @@ def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigg
     start = time.perf_counter()
     detection = None
     patch = None
-    # detection inverts every class, and its patch surrogate of the detected class is reused
-    runs = len(method.surrogates) + (data.num_classes - int("patch" in method.surrogates) if target is None else 0)
+    # detection costs about three inversions (a joint screening of every class, then the two leaders in full),
+    # and its patch surrogate of the detected class is reused
+    runs = len(method.surrogates) + (3 - int("patch" in method.surrogates) if target is None else 0)
     steps = StageCounter(progress, "inversion", runs * method.inversion_steps, "steps")
     if target is None:
-        detection = detect_target(model, data, steps=method.inversion_steps, seed=method.seed, eval_batch_size=batch,
-                                  progress=steps)
+        detection = detect_target_fast(model, data, steps=method.inversion_steps, seed=method.seed,
+                                       eval_batch_size=batch, progress=steps)
         target = detection.target
         patch = detection.inversions[target]  # the patch surrogate of the detected class is already made
+        if not detection.flagged:  # no evidence: clean() returns the model unchanged, no surrogate is needed
+            return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=patch.trigger, target=target,
+                                  detection=detection, seconds=time.perf_counter() - start, forget={})
     surrogates = reconstruct_surrogates(model, data, target, method.surrogates, steps=method.inversion_steps,
                                         seed=method.seed, patch=patch, eval_batch_size=batch, progress=steps)
     return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=next(iter(surrogates.values())).trigger,

@@ -243,6 +243,11 @@ def _summary(report: CleanReport, name: str) -> str:
     version = f" {_cell(report.agme_version)}" if report.agme_version else ""
     parts = [f"`{name}` is a sanitized derivative of {origin}, made by agme{version}.",
              f"agme edited {what}{model}{classes} to remove {goal}."]
+    if target.detected and target.evidence is False:  # detection found no outlier: nothing was edited
+        arch = f" {_code(report.architecture)}" if report.architecture else ""
+        parts = [f"`{name}` is a copy of {origin}, checked by agme{version}.",
+                 f"agme found no evidence of a backdoor in this{arch} classifier{classes} and left its weights "
+                 "unchanged."]
     asr = "the attack success rate"
     if report.asr_trigger == "surrogate":
         asr += " (with the surrogate trigger)"
@@ -316,6 +321,9 @@ def _detection(report: CleanReport) -> dict[str, Any] | None:
         return None
     anomaly = _number(target.anomaly_index)
     summary = f"anomaly index {anomaly:.2f}" if anomaly is not None else f"anomaly index {_NOT_MEASURED}"
+    if target.evidence is not None:
+        summary += (" (an outlier: evidence of a backdoor)" if target.evidence
+                    else " (no outlier: no evidence of a backdoor, the model was not edited)")
     labels = report.label_names or []
     rows = []
     for rank, (index, score) in enumerate(target.ranking or [], start=1):
@@ -394,7 +402,8 @@ def _context(report: CleanReport) -> dict[str, Any]:
     sha = report.provenance.weights_sha256
     return {
         "marker": AGME_MARKER,
-        "title": f"{name}: backdoor removed with agme",
+        "title": (f"{name}: checked by agme, no evidence of a backdoor" if report.target.evidence is False
+                  else f"{name}: backdoor removed with agme"),
         "summary": _summary(report, name),
         "status_note": _status_note(report),
         "metric_rows": _metric_rows(report),

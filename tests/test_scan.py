@@ -1,0 +1,114 @@
+"""`agme scan` and the detection under it, on real trained models (cached: trained once per machine).
+
+A backdoored ResNet (white patch, target 1) must be flagged with the right target and exit 40; a clean one
+trained by the same recipe without poison must not (exit 0); `agme clean` with neither trigger nor target
+leaves the clean one as it was and says so. The 20-class model (MNIST digits + Fashion-MNIST items) checks
+that the joint screening still finds the target beyond 10 classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from agme_hub.constants import BACKDOOR_SUSPECTED_EXIT_CODE, CARD_NAME, REPORT_NAME, WEIGHTS_NAME
+from agme_hub.data import ImageSet, Preprocessor, balanced_indices, load_images
+from agme_hub.engine.detection import detect_target_fast, screen_classes
+from agme_hub.engine.metrics import measure
+from agme_hub.hub.checkpoint import load_model
+from agme_hub.lab.backdoor import create_classifier
+from agme_hub.lab.scan_study import STUDY_MODELS, edit_images, study_model
+from agme_hub.report import CleanReport
+from cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def scan_data(tmp_path_factory) -> Path:
+    """10 clean Fashion-MNIST test images per class, as a user would pass them."""
+    data = load_images("fashion-mnist")
+    keep = balanced_indices(data.labels, 10, seed=3)
+    path = tmp_path_factory.mktemp("scan") / "clean.npz"
+    np.savez(path, x=data.images[keep], y=data.labels[keep])
+    return path
+
+
+def _scan(*args: object):
+    return runner.invoke(app, ["scan", *(str(a) for a in args)])
+
+
+def test_scan_flags_a_backdoored_model_and_writes_its_report(scan_data, tmp_path):
+    model = study_model("fmnist-white-br")
+    out = tmp_path / "report"
+    result = _scan(model, "--data", scan_data, "--json", "--report", out)
+    assert result.exit_code == BACKDOOR_SUSPECTED_EXIT_CODE, result.output
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "backdoor suspected"
+    assert report["suspected"][0]["index"] == STUDY_MODELS["fmnist-white-br"].target
+    assert report["suspected"][0]["anomaly_index"] > 2 and report["suspected"][0]["attack_success"] >= 0.5
+    assert [entry["index"] for entry in report["ranking"]][0] == report["target"]
+    assert len(report["ranking"]) == 10
+    written = json.loads((out / "scan_report.json").read_text())
+    assert written["verdict"] == report["verdict"]
+    for name in report["suspected"][0]["files"]:
+        assert (out / name).is_file()
+    assert not list(tmp_path.glob(".report.tmp-*"))  # the temporary folder was moved into place
+
+
+def test_scan_finds_no_evidence_in_a_clean_model_and_writes_nothing(scan_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = study_model("fmnist-clean-s0")
+    result = _scan(model, "--data", scan_data, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "no evidence" and report["suspected"] == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(scan_data, tmp_path):
+    source = study_model("fmnist-clean-s0")
+    out = tmp_path / "out"
+    held_out = load_images("fashion-mnist")
+    held_out = held_out.subset(balanced_indices(held_out.labels, 50, seed=11))
+    eval_path = tmp_path / "held_out.npz"
+    np.savez(eval_path, x=held_out.images, y=held_out.labels)
+    result = runner.invoke(app, ["clean", str(source), "--data", str(scan_data), "--eval-data", str(eval_path),
+                                 "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = CleanReport.load(out)
+    assert report.target.detected and report.target.evidence is False
+    assert report.method.layers == []
+    assert "no evidence of a backdoor" in (out / CARD_NAME).read_text()
+    before, after = load_model(source), load_model(out)
+    for (name, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()):
+        assert torch.equal(a, b), name
+    ca = [measure(m, held_out, Preprocessor.from_model(m)).clean_accuracy for m in (before, after)]
+    assert ca[0] - ca[1] <= 0.005
+    assert (out / REPORT_NAME).is_file() and (out / WEIGHTS_NAME).is_file()
+
+
+def test_twenty_classes_detection_finds_the_target():
+    spec = STUDY_MODELS["twenty-white-br-t13"]
+    model = load_model(study_model(spec.name))
+    detection = detect_target_fast(model, edit_images(spec.dataset))  # 10 clean test images per class
+    assert detection.target == spec.target and detection.flagged
+
+
+def test_screening_spends_its_budget_evenly_over_many_classes():
+    """100 classes, one inversion's budget: every class the same updates, all within the budget."""
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", num_classes=100, in_chans=1, img_size=8, mean=(0.5,), std=(0.25,),
+                              model_args={"channels": [4, 8, 8, 8]}).eval()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(100), 2)
+    data = ImageSet(rng.integers(0, 256, (200, 8, 8, 1), dtype=np.uint8), labels, [str(i) for i in range(100)], "r")
+    screening = screen_classes(model, data, list(range(100)), budget=20 * 64 * 8, seed=0)
+    assert screening.image_passes <= 20 * 64 * 8
+    assert screening.image_passes == 100 * screening.updates * screening.images
+    assert screening.norms.shape == (100,) and np.isfinite(screening.norms).all()
