@@ -332,10 +332,13 @@ def scan(source: SourceArg, data: DataOpt = "",
          yes: Annotated[bool, typer.Option("--yes", "-y", help="Replace a --report folder agme did not write.")] = False,
          seed: Annotated[int, typer.Option("--seed", help=HELP["seed"])] = 0,
          revision: RevisionOpt = None, token: TokenOpt = None, offline: OfflineOpt = False,
-         allow_pickle: PickleOpt = False, as_json: JsonOpt = False) -> None:
+         allow_pickle: PickleOpt = False, device: DeviceOpt = "auto", batch_size: BatchSizeOpt = None,
+         as_json: JsonOpt = False) -> None:
     """Is this model backdoored? Detect only, change nothing. Exit 40 when a backdoor is suspected, 0 when not."""
-    result = api.scan(source, data=data, per_class=per_class, report_dir=report, yes=yes, seed=seed,
-                      revision=revision, token=token, offline=offline, allow_pickle=allow_pickle)
+    with _StageBars(not as_json) as bars:
+        result = api.scan(source, data=data, per_class=per_class, report_dir=report, yes=yes, seed=seed,
+                          revision=revision, token=token, offline=offline, allow_pickle=allow_pickle, device=device,
+                          batch_size=batch_size, progress=bars)
     if as_json:
         _emit_json(result)
     else:

@@ -21,9 +21,11 @@ import torch
 
 from .._version import __version__
 from ..constants import DEFAULT_INVERSION_STEPS
-from ..data import ImageSet, balanced_indices, load_images
+from ..data import ImageSet, Preprocessor, balanced_indices, load_images
+from ..devices import pick_batch_size, resolve_device
 from ..engine.detection import ANOMALY_THRESHOLD, SUCCESS_THRESHOLD, detect_target_fast
 from ..errors import DataError, UsageError
+from ..progress import ProgressCallback, StageCounter
 from ..hub.checkpoint import atomic_output_dir, label_names, load_model, model_config
 from ..hub.outputs import check_output_dir, check_output_overlap, check_output_writable
 from ..hub.sources import resolve_source
@@ -93,11 +95,17 @@ class ScanReport:
 
 
 def scan_model(model: torch.nn.Module, data: ImageSet, *, steps: int = DEFAULT_INVERSION_STEPS, seed: int = 0,
-               top_k: int = 2, names: list[str] | None = None) -> ScanReport:
-    """Scan a model in memory with the clean images ``data``; ``names`` label the classes (default: data's)."""
+               top_k: int = 2, names: list[str] | None = None, batch_size: int = 256,
+               progress: ProgressCallback | None = None) -> ScanReport:
+    """Scan a model in memory with the clean images ``data``; ``names`` label the classes (default: data's).
+
+    Runs where ``model`` is; ``batch_size`` only chunks the final forward passes.
+    """
     start = time.perf_counter()
     names = names or list(data.label_names)
-    detection = detect_target_fast(model, data, steps=steps, seed=seed, top_k=top_k)
+    steps_done = StageCounter(progress, "inversion", (1 + top_k) * steps, "steps")
+    detection = detect_target_fast(model, data, steps=steps, seed=seed, top_k=top_k, eval_batch_size=batch_size,
+                                   progress=steps_done)
     index = {cls: anomaly for cls, _, anomaly in detection.ranking}
     pixels = float(data.images[0, ..., 0].size)
     inverted = [SuspectedTarget(index=cls, label=names[cls], anomaly_index=round(index[cls], 3),
@@ -122,7 +130,8 @@ def scan_model(model: torch.nn.Module, data: ImageSet, *, steps: int = DEFAULT_I
 def run_scan(source: str, *, data: str, per_class: int | None = None, report_dir: str | os.PathLike[str] | None = None,
              yes: bool = False, seed: int = 0, steps: int = DEFAULT_INVERSION_STEPS, revision: str | None = None,
              token: str | None = None, offline: bool = False, allow_pickle: bool = False,
-             endpoint: str | None = None) -> ScanReport:
+             endpoint: str | None = None, device: str = "auto", batch_size: int | None = None,
+             progress: ProgressCallback | None = None) -> ScanReport:
     """Scan the model at ``source`` (the source forms of ``agme eval``) with the clean images ``data``.
 
     ``per_class`` uses that many images of each class (all when None). Nothing is written unless
@@ -133,6 +142,7 @@ def run_scan(source: str, *, data: str, per_class: int | None = None, report_dir
     if per_class is not None and per_class < 1:
         raise UsageError(f"--per-class must be at least 1, got {per_class}")
     out = Path(report_dir).expanduser().resolve() if report_dir else None
+    run_on = resolve_device(device)  # a missing GPU fails now, before any download or output
     local_source = Path(source.removeprefix("local-dir:")).expanduser()
     if out is not None:  # before any download: a bad --report must not cost a pull
         _check_report_dir(out, yes=yes, inputs={"source model": local_source if local_source.exists() else None,
@@ -140,13 +150,14 @@ def run_scan(source: str, *, data: str, per_class: int | None = None, report_dir
     resolved = resolve_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle,
                               endpoint=endpoint)
     names = label_names(model_config(resolved.local_dir))
-    model = load_model(resolved.local_dir, allow_pickle=allow_pickle)
+    model = load_model(resolved.local_dir, allow_pickle=allow_pickle).to(run_on)
     images = load_images(data, label_names=names)
     if per_class is not None:
         images = images.subset(balanced_indices(images.labels, per_class, seed=seed))
     if len(set(images.labels.tolist())) < 2:
         raise DataError("--data holds images of one class only; a scan needs clean images of several classes")
-    result = scan_model(model, images, steps=steps, seed=seed, names=names)
+    batch = pick_batch_size(batch_size, run_on, Preprocessor.from_model(model).input_size)
+    result = scan_model(model, images, steps=steps, seed=seed, names=names, batch_size=batch, progress=progress)
     result = replace(result, source=source, revision=resolved.revision, data=str(data))
     if out is not None:
         result = _write_report(result, out)
