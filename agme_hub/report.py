@@ -154,7 +154,7 @@ class TriggerRecord:
 
     spec: str | None = None
     kind: Literal["given", "surrogate"] | None = None
-    files: str | None = None  # a surrogate's pattern and mask, as an ``image:`` spec of the saved PNGs
+    files: str | None = None  # the forgotten surrogates' saved files, as specs (``image:``/``additive:``) joined by '; '
 
     @classmethod
     def from_json(cls, values: Any) -> "TriggerRecord":

@@ -282,6 +282,7 @@ ERROR_CASES = {
     "device: eval --device cuda:1 without CUDA": errors.DeviceError,
     "device: demo --device cuda without CUDA": errors.DeviceError,
     "device: backdoor-train --device cuda without CUDA": errors.DeviceError,
+    "device: scan --device cuda without CUDA": errors.DeviceError,
     "device: unknown spec": errors.DeviceError,
 }
 
@@ -382,6 +383,8 @@ def _error_args(case: str, *, hub_env, model_dir: Path, data: Path, tmp: Path, m
         return ["demo", "--out", tmp / "out", "--device", "cuda", "--json"]
     if case == "device: backdoor-train --device cuda without CUDA":
         return ["backdoor-train", "--out", tmp / "out", "--device", "cuda", "--json"]
+    if case == "device: scan --device cuda without CUDA":
+        return ["scan", model_dir, "--data", npz, "--device", "cuda", "--report", tmp / "out", "--json"]
     if case == "device: unknown spec":
         return ["clean", model_dir, *CHEAP, "--device", "tpu", "--out", tmp / "out", "--json"]
     raise AssertionError(case)

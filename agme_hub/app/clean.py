@@ -43,7 +43,7 @@ from ..progress import ProgressCallback, StageCounter
 from ..report import (CleanReport, DataRecord, Evaluation, MethodRecord, MetricValues, PlannedPush, Provenance,
                       PushRecord, SourceInfo, TargetRecord, TriggerRecord)
 from ..trigger_forms import PairedTrigger
-from ..triggers import MaskTrigger, Trigger, parse_trigger
+from ..triggers import DeltaTrigger, MaskTrigger, Trigger, parse_trigger
 
 __all__ = ["run_clean", "push_output", "inspect_source", "evaluate_source",
            "resolve_target", "default_output_dir", "library_versions", "SURROGATE_DIR", "NO_EVIDENCE_NOTE",
@@ -248,9 +248,10 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
                    model_args=config.get("model_args"), metadata=metadata)
         if config.get("format") != "transformers":  # save_pretrained writes the whole transformers config
             _keep_config(tmp / CONFIG_NAME, config)
-        if isinstance(result.trigger, MaskTrigger):
-            files = result.trigger.save(tmp / SURROGATE_DIR).replace(str(tmp), str(out))
-            record = record.replace(trigger=dataclasses.replace(record.trigger, files=files))
+        saved = [t.save(tmp / SURROGATE_DIR).replace(str(tmp), str(out))
+                 for t in (result.forgotten if trigger is None else ()) if isinstance(t, (MaskTrigger, DeltaTrigger))]
+        if saved:  # every surrogate the edit forgot, each as a spec that reads its saved files back
+            record = record.replace(trigger=dataclasses.replace(record.trigger, files="; ".join(saved)))
         timing["save"] = time.perf_counter() - t0
         timing["total"] = time.perf_counter() - start
         record = record.replace(
@@ -300,7 +301,9 @@ def _dry_run_report(base: CleanReport, resolved: ResolvedSource, options: CleanO
     if base.format == "transformers":
         files.insert(2, PROCESSOR_CONFIG_NAME)
     if options.trigger is None and not options.triggered_data:
-        files += [f"{SURROGATE_DIR}/surrogate_pattern.png", f"{SURROGATE_DIR}/surrogate_mask.png"]
+        # the surrogates the cross-validation may choose to forget: a mask + pattern, a full-image perturbation
+        files += [f"{SURROGATE_DIR}/surrogate_pattern.png", f"{SURROGATE_DIR}/surrogate_mask.png",
+                  f"{SURROGATE_DIR}/surrogate_delta.npy"]
     return base.replace(status="dry-run", candidate_layers=layers, files=files, source_files=list(resolved.files),
                         push=PlannedPush(repo_id=options.push_to, create_pr=options.create_pr) if options.push_to
                         else None)
