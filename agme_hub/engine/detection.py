@@ -34,7 +34,7 @@ from ..data import ImageSet, Preprocessor
 from ..devices import model_device
 from ..errors import DataError
 from ..progress import StageCounter
-from .inversion import TargetDetection, anomaly_indices, invert_trigger
+from .inversion import TargetDetection, anomaly_indices, frozen, invert_trigger
 
 __all__ = ["Screening", "screen_classes", "prescreen", "detect_target_fast", "ANOMALY_THRESHOLD", "SUCCESS_THRESHOLD"]
 
@@ -101,12 +101,7 @@ def screen_classes(model: torch.nn.Module, data: ImageSet, classes: list[int], *
               for p in (mask_logit, pattern_logit)]
     targets = torch.as_tensor(classes, dtype=torch.long, device=device)
     passes = 0
-    was_training = model.training
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):  # gradients reach the trigger only
         for _ in range(updates):
             order = torch.randperm(k, generator=generator)
             for first in range(0, k, chunk):
@@ -132,10 +127,6 @@ def screen_classes(model: torch.nn.Module, data: ImageSet, classes: list[int], *
         with torch.no_grad():
             mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
             norms = mask.sum(dim=(1, 2, 3)).cpu().numpy().astype(np.float64)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
     return Screening(list(classes), norms, updates, images, passes, time.perf_counter() - start)
 
 
@@ -158,12 +149,7 @@ def prescreen(model: torch.nn.Module, data: ImageSet, classes: list[int], *, kee
     mask_logit.requires_grad_(True)
     pattern_logit.requires_grad_(True)
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=_LR, betas=(0.5, 0.9))
-    was_training = model.training
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):  # gradients reach the trigger only
         for _ in range(steps):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(device)
             mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
@@ -181,10 +167,6 @@ def prescreen(model: torch.nn.Module, data: ImageSet, classes: list[int], *, kee
                 probs = probs.scatter(1, labels[i:i + 256, None], 0.0).sum(0)  # the mass that left the own class
                 drawn = probs if i == 0 else drawn + probs
             drawn = drawn.cpu()
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
     score = np.array([float(drawn[cls]) if cls < len(drawn) else 0.0 for cls in classes])
     return [classes[i] for i in np.argsort(-score, kind="stable")[:keep]]
 

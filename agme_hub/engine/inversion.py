@@ -13,6 +13,8 @@ detection is the weak link: the index and the whole ranking are reported, and ``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +28,7 @@ from ..errors import DataError
 from ..progress import StageCounter
 from ..triggers import MaskTrigger
 
-__all__ = ["Inversion", "TargetDetection", "invert_trigger", "detect_target", "anomaly_indices"]
+__all__ = ["Inversion", "TargetDetection", "invert_trigger", "detect_target", "anomaly_indices", "frozen"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,22 @@ class TargetDetection:
     flagged: bool
     ranking: list[tuple[int, float, float]]  # (class, mask L1, anomaly index), smallest mask first
     inversions: dict[int, Inversion]
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode with its parameters frozen, as it was afterwards: an optimised trigger gets the gradients."""
+    was_training = model.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
 
 
 def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps: int = DEFAULT_INVERSION_STEPS,
@@ -73,12 +91,7 @@ def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps
     pattern_logit.requires_grad_(True)
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=lr, betas=(0.5, 0.9))
     labels = torch.full((n,), target, dtype=torch.long, device=device)
-    was_training = model.training
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):  # gradients reach the trigger only
         for _ in range(steps):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(device)
             mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
@@ -96,10 +109,6 @@ def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps
             preds = torch.cat([model(preprocess.from_unit((1 - mask) * x[i:i + eval_batch_size] + mask * pattern)
                                      ).argmax(1) for i in range(0, n, eval_batch_size)])
             success = float((preds == target).float().mean())
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
     pattern_hwc = (pattern[0].permute(1, 2, 0).cpu().numpy() * 255.0).astype(np.float32)
     mask_hw1 = mask[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
     trigger = MaskTrigger(pattern_array=pattern_hwc, mask_array=mask_hw1)

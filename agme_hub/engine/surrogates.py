@@ -30,7 +30,7 @@ from ..devices import model_device
 from ..errors import DataError
 from ..progress import StageCounter
 from ..triggers import DeltaTrigger, Trigger
-from .inversion import Inversion, invert_trigger
+from .inversion import Inversion, frozen, invert_trigger
 
 __all__ = ["SURROGATE_KINDS", "Surrogate", "invert_perturbation", "reconstruct_surrogates", "forget_sets"]
 
@@ -67,12 +67,7 @@ def invert_perturbation(model: torch.nn.Module, data: ImageSet, target: int, *, 
     logit = (0.1 * torch.randn(1, c, h, w, generator=generator)).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([logit], lr=lr, betas=(0.5, 0.9))
     labels = torch.full((n,), target, dtype=torch.long, device=device)
-    was_training = model.training
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):  # gradients reach the trigger only
         for _ in range(steps):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(device)
             stamped = (x[idx] + eps * torch.tanh(logit)).clamp(0.0, 1.0)
@@ -88,10 +83,6 @@ def invert_perturbation(model: torch.nn.Module, data: ImageSet, target: int, *, 
             preds = torch.cat([model(preprocess.from_unit((x[i:i + eval_batch_size] + delta).clamp(0.0, 1.0)))
                                .argmax(1) for i in range(0, n, eval_batch_size)])
             success = float((preds == target).float().mean())
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
     delta_hwc = (delta[0].permute(1, 2, 0).cpu().numpy() * 255.0).astype(np.float32)
     return Surrogate("full", DeltaTrigger(delta_array=delta_hwc), success, float(np.abs(delta_hwc).max()) / 255.0,
                      time.perf_counter() - start)
