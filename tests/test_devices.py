@@ -155,7 +155,8 @@ def test_a_layer_too_wide_even_blockwise_is_refused_naming_layers_that_fit(model
 def test_every_stage_reports_counts_up_to_its_total(model_and_data):
     model, edit, held = model_and_data
     events = []
-    agme_hub.clean(model, edit, target=TEST_TARGET, augment_copies=1, inversion_steps=4, progress=events.append)
+    agme_hub.clean(model, edit, target=TEST_TARGET, augment_copies=1, inversion_steps=4, surrogates=("patch",),
+                   progress=events.append)  # one surrogate: one inversion, one capture pass
     agme_hub.evaluate(model, held, TRIGGER, TEST_TARGET, progress=events.append)
     seen = {e.stage for e in events}
     assert seen == set(STAGES)

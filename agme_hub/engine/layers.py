@@ -143,6 +143,12 @@ def _is_editable(module: torch.nn.Module) -> bool:
             and _fits(_key_dim(module)))
 
 
+def _is_candidate(module: torch.nn.Module) -> bool:
+    # Chosen automatically only up to the cap: the cross-validation keeps a layer's Gram matrices per fold, and a
+    # wider layer (solved blockwise) would hold cap^2 values per matrix per fold (GBs). Name it to edit it anyway.
+    return _is_editable(module) and _key_dim(module) <= constants.MAX_KEY_DIM
+
+
 def classifier_name(model: torch.nn.Module, sample: torch.Tensor | None = None) -> str:
     """Dotted name of the model's classifier (``get_classifier()``), which must be a Linear or a conv.
 
@@ -240,7 +246,7 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
             position = max(i for i, (n, _) in enumerate(order) if n == boundary or n.startswith(boundary + "."))
             channels = _channels(outputs[boundary])
             entry = [n for n, s in order[position + 1:]
-                     if s and _channels(s) == channels and _is_editable(get_module(model, n))]
+                     if s and _channels(s) == channels and _is_candidate(get_module(model, n))]
             entry = list(dict.fromkeys(n for n in entry if n != head))
             if entry:
                 groups["entry"] = entry
@@ -249,7 +255,7 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
             groups["neck"] = neck + [head]
     elif not hasattr(model, "feature_info"):  # no stages at all (layers in one nn.Sequential): the layer before the head
         order = _execution_order(model, sample, set())
-        before = [n for n, _ in order if n != head and _is_editable(get_module(model, n))]
+        before = [n for n, _ in order if n != head and _is_candidate(get_module(model, n))]
         if before:
             groups["entry"] = [before[-1]]
     groups["classifier"] = [head]
@@ -268,7 +274,7 @@ def _neck_layers(model: torch.nn.Module, order: list[tuple[str, tuple[int, ...]]
     if not positions:
         return []
     neck = [n for n, s in order[max(positions) + 1:]
-            if s and n != head and not n.startswith(last_stage + ".") and _is_editable(get_module(model, n))]
+            if s and n != head and not n.startswith(last_stage + ".") and _is_candidate(get_module(model, n))]
     return list(dict.fromkeys(neck))
 
 
