@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import inspect
 import json
-import sys
 import typing
 import warnings
 from collections.abc import Iterator
@@ -349,11 +348,8 @@ def scan(source: SourceArg, data: DataOpt = "",
             table.add_row(str(rank), str(entry.index), escape(entry.label), f"{entry.mask_l1:.1f}",
                           f"{entry.anomaly_index:.2f}")
         err_console.print(table)
-        for s in result.suspected or result.inverted[:1]:
-            what = "suspected target" if result.suspected else "leading class (not an outlier)"
-            err_console.print(f"{what}: {s.index} ({escape(s.label)}): anomaly index {s.anomaly_index:.2f} "
-                              f"(> {result.threshold:g} is an outlier), surrogate mask {s.mask_fraction:.1%} of the "
-                              f"image, attack success {s.attack_success:.1%}")
+        for line in result.evidence_lines():
+            err_console.print(escape(line))
         if result.report_dir:
             err_console.print(f"report: {result.report_dir}")
     if result.backdoor_suspected:
@@ -591,11 +587,9 @@ def _bench_ablation(out: Path, *, datasets: list[str] | None, archs: list[str] |
                                       **{k: v[0] for k, v in (("dataset", datasets), ("arch", archs),
                                                               ("trigger", triggers), ("per_class", budgets)) if v})
     rows = bench_api.run_ablation(config, out, command="agme " + " ".join(sys.argv[1:]), say=_progress(not as_json))
-    if as_json:
-        _emit_json({"output_dir": str(out), "table": str(out / "ablation.md"), "plot": str(out / "ablation.png"),
-                    "rows": rows})
-        return
-    err_console.print(f"{len(rows)} points; table: {out / 'ablation.md'}; figure: {out / 'ablation.png'}")
+    if not as_json:
+        return err_console.print(f"{len(rows)} points; table: {out / 'ablation.md'}; figure: {out / 'ablation.png'}")
+    _emit_json({"output_dir": str(out), "table": str(out / "ablation.md"), "plot": str(out / "ablation.png"), "rows": rows})
 
 
 def main() -> None:

@@ -88,6 +88,13 @@ class ScanReport:
     def backdoor_suspected(self) -> bool:
         return self.verdict == SUSPECTED
 
+    def evidence_lines(self) -> list[str]:
+        """One line per suspected target (or, with none, for the leading class): its evidence in words."""
+        what = "suspected target" if self.suspected else "leading class (not an outlier)"
+        return [f"{what}: {s.index} ({s.label}): anomaly index {s.anomaly_index:.2f} (> {self.threshold:g} is an "
+                f"outlier), surrogate mask {s.mask_fraction:.1%} of the image, attack success {s.attack_success:.1%}"
+                for s in self.suspected or self.inverted[:1]]
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("triggers")
