@@ -28,7 +28,8 @@ from ..errors import DataError
 from ..progress import StageCounter
 from ..triggers import MaskTrigger
 
-__all__ = ["Inversion", "TargetDetection", "invert_trigger", "detect_target", "anomaly_indices", "frozen"]
+__all__ = ["Inversion", "TargetDetection", "invert_trigger", "detect_target", "anomaly_indices", "frozen",
+           "other_class_images"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,16 @@ def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
+def other_class_images(model: torch.nn.Module, data: ImageSet, target: int
+                       ) -> tuple[Preprocessor, torch.device, torch.Tensor]:
+    """What a trigger toward ``target`` is optimised on: D minus that class, in [0, 1], on the model's device."""
+    keep = data.labels != target
+    if not keep.any():
+        raise DataError(f"trigger inversion for class {target} needs images of other classes")
+    device = model_device(model)
+    return Preprocessor.from_model(model), device, Preprocessor.to_unit(data.images[keep]).to(device)
+
+
 def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps: int = DEFAULT_INVERSION_STEPS,
                    lr: float = 0.1, beta: float = 0.2, batch_size: int = 64, seed: int = 0,
                    eval_batch_size: int = 256, progress: StageCounter | None = None) -> Inversion:
@@ -77,12 +88,7 @@ def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps
     import time
 
     start = time.perf_counter()
-    preprocess = Preprocessor.from_model(model)
-    device = model_device(model)
-    keep = data.labels != target
-    if not keep.any():
-        raise DataError(f"trigger inversion for class {target} needs images of other classes")
-    x = Preprocessor.to_unit(data.images[keep]).to(device)
+    preprocess, device, x = other_class_images(model, data, target)
     n, c, h, w = x.shape
     generator = torch.Generator().manual_seed(seed + 7919 * target)
     mask_logit = torch.full((1, 1, h, w), -3.0).add_(0.1 * torch.randn(1, 1, h, w, generator=generator)).to(device)

@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import DEFAULT_INVERSION_STEPS, DEFAULT_SURROGATE_EPS
-from ..data import ImageSet, Preprocessor
-from ..devices import model_device
-from ..errors import DataError
+from ..data import ImageSet
 from ..progress import StageCounter
 from ..triggers import DeltaTrigger, Trigger
-from .inversion import Inversion, frozen, invert_trigger
+from .inversion import Inversion, frozen, invert_trigger, other_class_images
 
 __all__ = ["SURROGATE_KINDS", "Surrogate", "invert_perturbation", "reconstruct_surrogates", "forget_sets"]
 
@@ -56,12 +54,7 @@ def invert_perturbation(model: torch.nn.Module, data: ImageSet, target: int, *, 
     Runs on the model's device; random draws come from a CPU generator (the same draws on every device).
     """
     start = time.perf_counter()
-    preprocess = Preprocessor.from_model(model)
-    device = model_device(model)
-    keep = data.labels != target
-    if not keep.any():
-        raise DataError(f"trigger inversion for class {target} needs images of other classes")
-    x = Preprocessor.to_unit(data.images[keep]).to(device)
+    preprocess, device, x = other_class_images(model, data, target)
     n, c, h, w = x.shape
     generator = torch.Generator().manual_seed(seed + 7919 * target + 1)
     logit = (0.1 * torch.randn(1, c, h, w, generator=generator)).to(device).requires_grad_(True)
