@@ -31,9 +31,9 @@ __all__ = [
     "format_percent", "format_change", "write_text_atomic", "current_umask",
 ]
 
-# Fields that differ between two runs that made the same model: how long each stage took, where the folder
-# was pushed, and the list of written files (it holds the card's sha256, which shows the timings).
-RUN_DETAILS = frozenset({"timing", "push", "output_files"})
+# Fields that differ between two runs that made the same model: how long each stage took, the device and batch
+# size it ran with (they change the edit only by float rounding), where the folder was pushed, and the list of written files (it holds the card's sha256, which shows the timings).
+RUN_DETAILS = frozenset({"timing", "runtime", "push", "output_files"})
 
 # The four headline metrics, in the order every table shows them: (key, label).
 HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
@@ -336,6 +336,7 @@ class CleanReport:
     after_without_repair: MetricValues | None = None
     asr_measured_with: str | None = None  # prose for readers; code reads ``asr_trigger``
     timing: dict[str, float] | None = None  # stage -> seconds, in the order the stages ran
+    runtime: dict[str, Any] | None = None  # {"device": the device it ran on, "batch_size": images per forward pass}
     provenance: Provenance = field(default_factory=Provenance)
     # every file agme wrote beside the report, with its sha256: what makes the folder agme's (hub/outputs.py)
     output_files: dict[str, str] | None = None
@@ -385,6 +386,8 @@ class CleanReport:
         })
         if self.timing is not None:
             out["timing"] = self.timing
+        if self.runtime is not None:
+            out["runtime"] = self.runtime
         out["provenance"] = self.provenance.to_json()
         if self.output_files is not None:
             out["output_files"] = self.output_files
@@ -403,6 +406,7 @@ class CleanReport:
         push = values.get("push")
         planned = isinstance(push, Mapping) and "create_pr" in push and "commit_sha" not in push
         timing = values.get("timing")
+        runtime = values.get("runtime")
         after_without = values.get("after_without_repair")
         layers = values.get("candidate_layers")
         mode = values.get("mode")
@@ -426,6 +430,7 @@ class CleanReport:
             after_without_repair=MetricValues.from_json(after_without) if isinstance(after_without, Mapping) else None,
             asr_measured_with=_str(values.get("asr_measured_with")),
             timing=({str(k): v for k, v in timing.items()} if isinstance(timing, Mapping) else None),
+            runtime=({str(k): v for k, v in runtime.items()} if isinstance(runtime, Mapping) else None),
             provenance=Provenance.from_json(values.get("provenance")),
             candidate_layers=({str(k): _strings(v) or [] for k, v in layers.items()}
                               if isinstance(layers, Mapping) else None),

@@ -37,6 +37,7 @@ FULL_REPORT: dict[str, Any] = {
     "after": {"clean_accuracy": 0.884, "attack_success_rate": 0.012, "target_accuracy": 0.83, "robust_accuracy": 0.86},
     "asr_measured_with": "given trigger",
     "timing": {"load": 0.5, "capture": 1.2, "edit": 0.1, "repair": 0.0, "eval": 2.0, "save": 0.1, "total": 4.0},
+    "runtime": {"device": "cuda:0", "batch_size": 256},
     "output_dir": "/abs/out",
     "push": {"repo_id": "org/name-agme", "commit_url": "https://hub.example/c", "pr_url": None},
     "provenance": {"weights_sha256": "ab" * 32,
@@ -131,7 +132,7 @@ def test_full_report_body() -> None:
     assert "| Robust accuracy | 1.0% | 86.0% | +85.0 points |" in text
     assert "100 clean images (10 per class) from fashion-mnist" in text
     assert "4000 images from held-out part of --data" in text
-    assert "**Time taken:** 4.0 s" in text
+    assert "**Time taken:** 4.0 s" in text and "on cuda:0, batches of 256" in text
     assert "`patch:size=3,pos=bottom-right,fill=white`" in text
     assert "anomaly index 3.40" in text and "| 2 | 6 | Shirt | 0.200 |" in text
     assert "| lam | 0.01 |" in text and "| Edited layers | `fc` |" in text and "| Repair | yes |" in text

@@ -110,6 +110,7 @@ def test_cli_clean_device_cuda_end_to_end(model_and_data, tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     record = json.loads(result.stdout)
     assert record["status"] == "complete" and record["options"]["device"] == "cuda"
+    assert record["runtime"]["device"].startswith("cuda") and record["runtime"]["batch_size"] == 64  # where it ran
     assert record["after"]["attack_success_rate"] < 0.2
     assert (out / WEIGHTS_NAME).is_file() and (out / REPORT_NAME).is_file()
     assert "--device" not in record["command"], "the reproduce command runs anywhere"

@@ -256,6 +256,7 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
         timing["total"] = time.perf_counter() - start
         record = record.replace(
             timing={k: round(v, 3) for k, v in timing.items()},
+            runtime={"device": result.device, "batch_size": result.batch_size},
             provenance=Provenance(weights_sha256=sha256_file(tmp / WEIGHTS_NAME), versions=library_versions()))
         record.write(tmp)
         write_card(tmp, record, overwrite=True)

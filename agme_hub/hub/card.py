@@ -285,6 +285,10 @@ def _timing(report: CleanReport) -> tuple[str, str]:
     timing = report.timing or {}
     stages = [f"{stage} {_seconds(value)}" for stage, value in timing.items()
               if stage != "total" and _seconds(value) is not None]
+    runtime = report.runtime or {}
+    if runtime.get("device"):  # where those seconds were spent
+        stages.append(f"on {runtime['device']}" + (f", batches of {runtime['batch_size']}"
+                                                    if runtime.get("batch_size") else ""))
     return _seconds(timing.get("total")) or _NOT_MEASURED, ", ".join(stages)
 
 
