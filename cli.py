@@ -278,10 +278,10 @@ def _render_clean(report: Any, *, as_json: bool, verbose: bool = False) -> None:
     err_console.print(f"output: {report.output_dir}")
 
 
-@app.command(rich_help_panel="Main")
+@app.command("inspect", rich_help_panel="Main")  # not named inspect: that is the module the options use
 @handle_errors
-def inspect(source: SourceArg, revision: RevisionOpt = None, token: TokenOpt = None, offline: OfflineOpt = False,
-            allow_pickle: PickleOpt = False, as_json: JsonOpt = False) -> None:
+def inspect_command(source: SourceArg, revision: RevisionOpt = None, token: TokenOpt = None, offline: OfflineOpt = False,
+                    allow_pickle: PickleOpt = False, as_json: JsonOpt = False) -> None:
     """Show a checkpoint's format, architecture, classes, license, files and the layers agme would edit."""
     info = api.inspect_source(source, revision=revision, token=token, offline=offline, allow_pickle=allow_pickle)
     if as_json:
