@@ -50,7 +50,8 @@ def main(specs: list[str], second: bool = False) -> None:
         layers = list(inspect_layers(model).groups[group])
         head = classifier_name(model, pre(edit.images[:2]))
         order = editable_names(model)
-        before_head = [n for n in order[:order.index(head)] if n not in layers and order.index(n) > min(map(order.index, layers))]
+        first = min(map(order.index, layers))
+        before_head = [n for n in order[first:order.index(head)] if n not in layers]  # maps between edit and head
         others = held.images[held.labels != target]
         floor = float((predict(model, others, pre) == target).mean())
 
@@ -103,7 +104,8 @@ def main(specs: list[str], second: bool = False) -> None:
         show("protect 0.9, w_t 4", prot)
         show("protect 0.9, w_t 4 + re-fit (lam)", refit(prot, [head], ridge=lam))
         if before_head:
-            show(f"w_t 4 + re-fit of {before_head[-1]} then the head (lam)", refit(base, [before_head[-1], head], ridge=lam))
+            show(f"w_t 4 + re-fit of {before_head[-1]} then the head (lam)",
+                 refit(base, [before_head[-1], head], ridge=lam))
             show(f"protect 0.9 + re-fit of {before_head[-1]} then the head (lam)",
                  refit(prot, [before_head[-1], head], ridge=lam))
 
