@@ -11,7 +11,8 @@ from pathlib import Path
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
-    "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_INVERSION_STEPS", "DEFAULT_FOLDS",
+    "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_REFIT_LAM", "DEFAULT_INVERSION_STEPS",
+    "DEFAULT_FOLDS",
     "DEFAULT_PROTECT_GRID", "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS", "MAX_KEY_DIM", "MIN_KEY_BLOCK",
     "BN_RECOMPUTE_BATCH", "BACKDOOR_SUSPECTED_EXIT_CODE", "cache_dir",
     "is_debug", "is_true",
@@ -32,8 +33,10 @@ DEFAULT_LAM_GRID = (0.01, 0.1, 1.0)
 DEFAULT_GAMMA = 1.0
 DEFAULT_AUGMENT_COPIES = 9
 DEFAULT_TARGET_WEIGHT = 4.0  # repair: weight of the preserve term of clean target-class images
-# repair: re-fit the classifier after an edit upstream of it (engine/repair.py; docs/METHOD.md, issue 13)
-DEFAULT_REFIT_CLASSIFIER = False
+# repair: re-fit the classifier after an edit upstream of it (engine/repair.py), with its own small ridge: TA up
+# on the demo and three bench models, ASR within the natural confusion + 2 pt (docs/METHOD.md, issue 13, third round)
+DEFAULT_REFIT_CLASSIFIER = True
+DEFAULT_REFIT_LAM = 0.001
 DEFAULT_INVERSION_STEPS = 200  # Adam steps of trigger inversion (no-BDK)
 # `agme scan`'s exit status when it suspects a backdoor: not an error, a verdict scripts and CI can gate on.
 BACKDOOR_SUSPECTED_EXIT_CODE = 40

@@ -19,8 +19,8 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, get_type_hints
 
 from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_FOLDS, DEFAULT_GAMMA, DEFAULT_INVERSION_STEPS,
-                        DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER, DEFAULT_SURROGATES,
-                        DEFAULT_TARGET_WEIGHT)
+                        DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER, DEFAULT_REFIT_LAM,
+                        DEFAULT_SURROGATES, DEFAULT_TARGET_WEIGHT)
 from .devices import check_device_spec
 from .errors import UsageError
 
@@ -52,6 +52,8 @@ class MethodOptions:
     target_weight: float = _opt(DEFAULT_TARGET_WEIGHT, "Repair: weight of clean target-class images.", group="Method")
     refit_classifier: bool = _opt(DEFAULT_REFIT_CLASSIFIER, "Repair: after an edit upstream of the classifier, re-fit "
                                   "the classifier to the original outputs (forget pairs kept).", group="Method")
+    refit_lam: float = _opt(DEFAULT_REFIT_LAM, "Repair: ridge of the classifier re-fit (scale-free, as lam).",
+                            group="Method")
     augment_copies: int = _opt(DEFAULT_AUGMENT_COPIES, "Seeded augmented copies of the edit images.", group="Method")
     bn_stats: str = _opt("keep", "BatchNorm running averages after the edit: keep or recompute.", group="Method")
     inversion_steps: int = _opt(DEFAULT_INVERSION_STEPS, "Adam steps of trigger inversion (no trigger given).",
@@ -85,6 +87,7 @@ class MethodOptions:
             _check_number("lam", self.lam, above=0.0)
         _check_number("gamma", self.gamma, at_least=0.0)
         _check_number("target_weight", self.target_weight, above=0.0)
+        _check_number("refit_lam", self.refit_lam, above=0.0)
         _check_number("augment_copies", self.augment_copies, at_least=0, whole=True)
         if self.bn_stats not in ("keep", "recompute"):
             raise UsageError(f"{_label('bn_stats')} must be keep or recompute, got {self.bn_stats!r}")
@@ -174,6 +177,7 @@ class CleanOptions:
     gamma: float = _method("gamma")
     target_weight: float = _method("target_weight")
     refit_classifier: bool = _method("refit_classifier")
+    refit_lam: float = _method("refit_lam")
     augment_copies: int = _method("augment_copies")
     bn_stats: str = _method("bn_stats")
     inversion_steps: int = _method("inversion_steps")

@@ -53,6 +53,8 @@ def test_method_defaults_are_the_constants():
     method = MethodOptions()
     assert method.gamma == constants.DEFAULT_GAMMA
     assert method.target_weight == constants.DEFAULT_TARGET_WEIGHT
+    assert (method.refit_classifier, method.refit_lam) == (constants.DEFAULT_REFIT_CLASSIFIER,
+                                                           constants.DEFAULT_REFIT_LAM)
     assert method.augment_copies == constants.DEFAULT_AUGMENT_COPIES
     assert method.inversion_steps == constants.DEFAULT_INVERSION_STEPS
     assert method.folds == constants.DEFAULT_FOLDS
@@ -78,7 +80,7 @@ def test_clean_options_method_carries_the_run_knobs():
     {"lam": math.nan}, {"lam": math.inf}, {"lam": -0.1}, {"lam": 0.0}, {"gamma": math.nan}, {"gamma": -1.0},
     {"target_weight": math.inf}, {"target_weight": 0.0}, {"augment_copies": -1}, {"seed": -1},
     {"inversion_steps": 0}, {"bn_stats": "refresh"}, {"per_class": 0}, {"eval_per_class": -5},
-    {"augment_copies": 1.5}, {"create_pr": True},
+    {"augment_copies": 1.5}, {"create_pr": True}, {"refit_lam": 0.0}, {"refit_lam": math.nan},
 ])
 def test_bad_values_are_usage_errors(bad):
     with pytest.raises(UsageError):
@@ -120,6 +122,7 @@ ROUND_TRIP = [
     CleanOptions(data="fashion-mnist", per_class=5, eval_per_class=20, lam=0.1, layers=("fc",), out="out dir/x"),
     CleanOptions(data="./imgs", trigger="blend:alpha=0.2", target="0", repair=False, layers=("layer4.*", "fc"),
                  gamma=2.5, seed=7),
+    CleanOptions(data="mnist", trigger="badnets-white-br", refit_classifier=False, refit_lam=0.01),
     CleanOptions(data="mnist", eval_data="x.npz", target="cat", bn_stats="recompute", inversion_steps=50,
                  augment_copies=0, target_weight=2.5, push_to="org/m", create_pr=True, private=True, offline=True,
                  allow_pickle=True, revision="v1", lam=1e-05),

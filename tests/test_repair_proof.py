@@ -1,9 +1,10 @@
 """Proof on real data (issue 13): the repair keeps the target class where the same edit without it does not.
 
 A backdoored ResNet trained in the test (tests/conftest.py), 10 clean images per class, trigger known;
-metrics on 200 held-out test images per class. The repair (weight and, if the cross-validation on D
-chooses it, the null-space constraint on the target-class keys) must keep TA within 2 points with the
-backdoor removed, while the same edit without the repair loses more.
+metrics on 200 held-out test images per class. The repair (weight; the null-space constraint on the
+target-class keys if the cross-validation on D chooses it; the classifier re-fit, a default, when the edit sits
+upstream of the classifier) must keep TA within 2 points with the backdoor removed, while the same edit
+without the repair loses more.
 """
 
 from __future__ import annotations

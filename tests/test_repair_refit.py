@@ -53,8 +53,8 @@ def test_refit_of_an_unedited_model_keeps_the_classifier(setting):
 def test_refit_rewrites_only_the_classifier_and_not_the_unrepaired_twin(setting):
     model, data = setting
     entry = inspect_layers(model).groups["entry"]
-    plain = clean(model, data, trigger=TRIGGER, target=0, layers=entry, lam=0.1)
-    refitted = clean(model, data, trigger=TRIGGER, target=0, layers=entry, lam=0.1, refit_classifier=True)
+    plain = clean(model, data, trigger=TRIGGER, target=0, layers=entry, lam=0.1, refit_classifier=False)
+    refitted = clean(model, data, trigger=TRIGGER, target=0, layers=entry, lam=0.1)  # the re-fit is the default
     assert plain.refitted is None and refitted.refitted == "fc"
     before, after, unrepaired = (dict(m.named_parameters()) for m in (model, refitted.model, refitted.unrepaired_model))
     changed = {n for n in before if not torch.equal(before[n], after[n])}

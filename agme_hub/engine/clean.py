@@ -369,7 +369,7 @@ def _refit_classifier(edited: torch.nn.Module, original: torch.nn.Module, data: 
     layer = editable_layer(edited, head)
     where = stats.cc.device
     layer.set_weight_matrix(solve_refit(_weight_matrix(original, head).to(where, torch.float64),
-                                        layer.weight_matrix().to(where, torch.float64), stats, lam=layers.lam,
+                                        layer.weight_matrix().to(where, torch.float64), stats, lam=method.refit_lam,
                                         gamma=method.gamma, target_weight=weight))
     seconds["solve"] += time.perf_counter() - start
     edited.eval()
