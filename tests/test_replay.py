@@ -71,6 +71,7 @@ def test_clean_is_unchanged_by_replay(resnet, fmnist_test, layers):
                   replay=replay) for replay in (False, True)]
     slow, fast = runs
     assert fast.layers == slow.layers and fast.lam == slow.lam
+    assert fast.refitted == slow.refitted and (layers is None or fast.refitted == "fc")  # the re-fit replays too
     assert [r["group"] for r in fast.selection.table] == [r["group"] for r in slow.selection.table]
     for a, b in zip(slow.selection.table, fast.selection.table):
         assert a == pytest.approx(b), (a, b)

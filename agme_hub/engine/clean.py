@@ -196,7 +196,7 @@ def clean(model: torch.nn.Module, data: ImageSet, *,
                                                  preprocess=preprocess, weight=weight, batch=batch, progress=progress,
                                                  replay=replay)
     refitted = _refit_classifier(edited, original, data, chosen, layers, method=method, preprocess=preprocess,
-                                 weight=weight, batch=batch, seconds=final_seconds)
+                                 weight=weight, batch=batch, seconds=final_seconds, replay=replay)
     unrepaired = None
     if (weight != 1.0 or layers.protect is not None or refitted) and method.bn_stats == "keep":
         # The same edit without the repair weight, for reporting TA with and without repair. Keys of a
@@ -353,8 +353,12 @@ def _capture_one(model: torch.nn.Module, name: str, pairs: Any, preprocess: Prep
 
 def _refit_classifier(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
                       layers: _LayerChoice, *, method: MethodOptions, preprocess: Preprocessor, weight: float,
-                      batch: int, seconds: dict[str, float]) -> str | None:
-    """The repair's second pass (engine/repair.py) when the edit sat upstream of the classifier; its name, or None."""
+                      batch: int, seconds: dict[str, float], replay: bool = True) -> str | None:
+    """The repair's second pass (engine/repair.py) when the edit sat upstream of the classifier; its name, or None.
+
+    It runs from the cross-validation's boundary outputs when they were kept for every copy (and the BatchNorm
+    averages were kept: re-estimated ones change what the layers after the boundary receive).
+    """
     if not (method.repair and method.refit_classifier):
         return None
     head = classifier_name(original, preprocess(data.images[:2]).to(model_device(original)))
@@ -363,7 +367,8 @@ def _refit_classifier(edited: torch.nn.Module, original: torch.nn.Module, data: 
     start = time.perf_counter()
     pairs = augmented_pairs(data.images, data.labels, chosen.trigger, copies=method.augment_copies, seed=method.seed,
                             flip=method.flip, batch_size=max(1, batch // 2))
-    stats = collect_refit_stats(edited, original, head, pairs, preprocess, target=chosen.target)
+    boundary = layers.boundaries.get(id(chosen.trigger)) if replay and method.bn_stats == "keep" else None
+    stats = collect_refit_stats(edited, original, head, pairs, preprocess, target=chosen.target, boundary=boundary)
     seconds["capture"] += time.perf_counter() - start
     start = time.perf_counter()
     layer = editable_layer(edited, head)

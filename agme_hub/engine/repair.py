@@ -12,22 +12,25 @@ their triggered twins (the forget pairs stay in: a clean-only re-fit brings the 
 with ``k'`` the classifier's keys in the edited model, ``k0c`` its keys of the clean image in the original
 model, ``C0c = sum w k0c k'c^T``, ``C0t = sum k0c k't^T``, ``Cc = sum w k'c k'c^T``, ``Ctt = sum k't k't^T``,
 and ``W1`` the classifier's current weights. One more pass over D: the edited and the original model each
-read the pairs once. The ridge is the re-fit's own (``MethodOptions.refit_lam``, 0.001), smaller than the edit's:
+read the pairs once; with the cross-validation's boundary outputs (``engine/replay.py``: nothing before the
+boundary is edited, so both models have the same outputs there) only the layers after it run. The ridge is the re-fit's own (``MethodOptions.refit_lam``, 0.001), smaller than the edit's:
 the re-fit has the original outputs as its targets, so the ridge only settles the directions D does not cover
 (measured: 0.001 at least as good as the edit's lam on the demo and three bench models, docs/METHOD.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..data import Preprocessor
 from ..devices import model_device, stats_device
-from .capture import capture_activations
+from .capture import StopForward, capture_activations
 from .edit import PairBatch
 from .layers import editable_layer
 
@@ -46,10 +49,22 @@ class RefitStats:
     ot: torch.Tensor  # original clean keys x edited triggered keys
 
 
+def _until_stopped(run: Callable[[Any], Any], rows: Any) -> None:
+    try:
+        run(rows)
+    except StopForward:  # the traced layer has run
+        pass
+
+
 @torch.inference_mode()
 def collect_refit_stats(edited: torch.nn.Module, original: torch.nn.Module, layer_name: str,
-                        pairs: Iterator[PairBatch], preprocess: Preprocessor, *, target: int) -> RefitStats:
-    """One pass of both models over the pairs: the sums :func:`solve_refit` needs for layer ``layer_name``."""
+                        pairs: Iterator[PairBatch], preprocess: Preprocessor, *, target: int,
+                        boundary: Any = None) -> RefitStats:
+    """One pass of both models over the pairs: the sums :func:`solve_refit` needs for layer ``layer_name``.
+
+    ``boundary``: a ``select.CachedBoundary`` of these pairs (every augmented copy) before every edited layer;
+    both models then run from its outputs. ``None``: both run from the images.
+    """
     edited.eval()
     original.eval()
     layer = editable_layer(edited, layer_name)
@@ -57,13 +72,22 @@ def collect_refit_stats(edited: torch.nn.Module, original: torch.nn.Module, laye
     device = model_device(edited)
     where = stats_device(device)  # float64 sums: on the device, or on the CPU where it has no float64
     sums = RefitStats(*(torch.zeros(dim, dim, dtype=torch.float64, device=where) for _ in range(6)))
-    with capture_activations(edited, [layer_name], stop=True) as now, \
-            capture_activations(original, [layer_name], stop=True) as before:
+    with ExitStack() as stack:
+        now = stack.enter_context(capture_activations(edited, [layer_name], stop=True))
+        before = stack.enter_context(capture_activations(original, [layer_name], stop=True))
+        if boundary is not None:
+            run_edited = stack.enter_context(boundary.plan.installed(edited))
+            run_original = stack.enter_context(boundary.plan.installed(original))
         for batch in pairs:
             n = len(batch.labels)
-            clean = preprocess(batch.clean).to(device)
-            now.run(torch.cat([clean, preprocess(batch.triggered).to(device)]))
-            before.run(clean)
+            if boundary is not None:
+                rows = boundary.rows(batch)
+                _until_stopped(run_edited, rows)
+                _until_stopped(run_original, rows[:n])
+            else:
+                clean = preprocess(batch.clean).to(device)
+                now.run(torch.cat([clean, preprocess(batch.triggered).to(device)]))
+                before.run(clean)
             inputs = now[layer_name].input.to(where, torch.float64)
             kc, kt = layer.keys(inputs[:n]), layer.keys(inputs[n:])
             k0 = layer.keys(before[layer_name].input.to(where, torch.float64))
