@@ -45,10 +45,10 @@ def test_bdk_without_target_finds_it_from_the_trigger(backdoored, split):
     assert result.target == TEST_TARGET and result.target_detected
 
 
-def test_no_bdk_with_target_given(backdoored, split):
+def test_no_bdk_with_target_given(backdoored, no_bdk_cleaned, split):
     model = backdoored("badnets-white-br").model
-    edit, held = split
-    result = clean(model, edit, target=TEST_TARGET, seed=0)
+    _, held = split
+    result = no_bdk_cleaned("badnets-white-br")  # clean(model, split[0], target=TEST_TARGET, seed=0), shared
     assert result.mode == "no-bdk" and result.trigger_kind == "surrogate"
     _, after = _before_after(model, result, held, "badnets-white-br")  # measured with the real trigger
     assert after.attack_success_rate < 0.05
