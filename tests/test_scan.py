@@ -89,6 +89,8 @@ def test_scan_finds_no_evidence_in_a_clean_model_and_writes_nothing(clean_model,
 
 
 def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(clean_model, scan_data, tmp_path):
+    """What `clean` does when its detection finds no evidence. The detection is the scan's (the same function, model,
+    images and seed); that it finds none at the default steps is the test above, so here it runs shorter."""
     source = clean_model
     out = tmp_path / "out"
     held_out = load_images("fashion-mnist")
@@ -96,7 +98,7 @@ def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(clean_model
     eval_path = tmp_path / "held_out.npz"
     np.savez(eval_path, x=held_out.images, y=held_out.labels)
     result = runner.invoke(app, ["clean", str(source), "--data", str(scan_data), "--eval-data", str(eval_path),
-                                 "--out", str(out), "--json"])
+                                 "--inversion-steps", "50", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = CleanReport.load(out)
     assert report.target.detected and report.target.evidence is False
