@@ -275,11 +275,9 @@ def test_warp_given_as_a_function_is_removed(backdoored, tmp_path):
     assert record["after"]["clean_accuracy"] > record["before"]["clean_accuracy"] - 0.05
     assert record["trigger"]["spec"] == WARP and WARP in record["command"]
     assert json.loads((tmp_path / "out" / REPORT_NAME).read_text())["trigger"]["spec"] == WARP
-    # the Python API takes the function itself (with the layers and lam the CLI's cross-validation chose: the
-    # choice is proved above, the point here is the function)
+    # the Python API takes the function itself
     held_out = fm.subset(np.setdiff1d(np.flatnonzero(fm.labels < 10)[:1000], keep))
-    edited = agme_hub.clean(result.model, fm.subset(keep[::4]), trigger=wanet_warp, target=TEST_TARGET,
-                            layers=record["method"]["layers"], lam=record["method"]["lam"])
+    edited = agme_hub.clean(result.model, fm.subset(keep[::4]), trigger=wanet_warp, target=TEST_TARGET)
     assert edited.trigger.spec == WARP
     before = agme_hub.evaluate(result.model, held_out, trigger=wanet_warp, target=TEST_TARGET).attack_success_rate
     after = agme_hub.evaluate(edited.model, held_out, trigger=wanet_warp, target=TEST_TARGET).attack_success_rate
