@@ -54,6 +54,28 @@ def backdoored(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def no_bdk_cleaned(backdoored, fmnist_test):
+    """``no_bdk_cleaned(trigger)`` -> CleanResult of ``clean`` without the trigger (surrogates only), target given.
+
+    The backdoored model of ``backdoored(trigger)`` edited with 10 clean test images per class
+    (``split_edit_eval(..., 10, seed=0)``), seed 0, every other knob at its default: computed once per run and
+    shared by the modules that measure it (engine proof, surrogates), each on its own held-out images.
+    """
+    from agme_hub.data import split_edit_eval
+    from agme_hub.engine.clean import clean
+
+    cache: dict[str, object] = {}
+    edit, _ = split_edit_eval(fmnist_test, 10, seed=0)
+
+    def make(trigger: str):
+        if trigger not in cache:
+            cache[trigger] = clean(backdoored(trigger).model, edit, target=TEST_TARGET, seed=0)
+        return cache[trigger]
+
+    return make
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -1,9 +1,11 @@
-"""`agme scan` and the detection under it, on real trained models (cached: trained once per machine).
+"""`agme scan` and the detection under it, on real trained models.
 
 A backdoored ResNet (white patch, target 1) must be flagged with the right target and exit 40; a clean one
 trained by the same recipe without poison must not (exit 0); `agme clean` with neither trigger nor target
-leaves the clean one as it was and says so. The 20-class model (MNIST digits + Fashion-MNIST items) checks
-that the joint screening still finds the target beyond 10 classes.
+leaves the clean one as it was and says so. These two are the session's ``backdoored`` models (trained once per
+run and shared with the other modules; the scan study's ``fmnist-white-br`` and ``fmnist-clean-s0`` are the same
+recipe, checked below). The 20-class model (MNIST digits + Fashion-MNIST items, cached: trained once per
+machine) checks that the joint screening still finds the target beyond 10 classes.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from agme_hub.engine.detection import detect_target_fast, screen_classes
 from agme_hub.engine.metrics import measure
 from agme_hub.hub.checkpoint import load_model
 from agme_hub.lab.backdoor import create_classifier
-from agme_hub.lab.scan_study import STUDY_MODELS, edit_images, study_model
+from agme_hub.lab.scan_study import STUDY_MODELS, edit_images, study_config, study_model
 from agme_hub.report import CleanReport
 from cli import app
 
 runner = CliRunner()
+TRIGGER = "badnets-white-br"
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +42,29 @@ def scan_data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def backdoored_model(backdoored) -> Path:
+    return backdoored(TRIGGER).out_dir
+
+
+@pytest.fixture(scope="module")
+def clean_model(backdoored) -> Path:
+    return backdoored(TRIGGER, poison_rate=0.0).out_dir
+
+
+def test_the_session_models_are_the_scan_study_recipe(backdoored):
+    """The scan study's numbers describe the models tested here: the same training config, field for field."""
+    assert backdoored(TRIGGER).config == study_config(STUDY_MODELS["fmnist-white-br"])
+    assert backdoored(TRIGGER, poison_rate=0.0).config == study_config(STUDY_MODELS["fmnist-clean-s0"])
+
+
 def _scan(*args: object):
     return runner.invoke(app, ["scan", *(str(a) for a in args)])
 
 
-def test_scan_flags_a_backdoored_model_and_writes_its_report(scan_data, tmp_path):
-    model = study_model("fmnist-white-br")
+def test_scan_flags_a_backdoored_model_and_writes_its_report(backdoored_model, scan_data, tmp_path):
     out = tmp_path / "report"
-    result = _scan(model, "--data", scan_data, "--json", "--report", out)
+    result = _scan(backdoored_model, "--data", scan_data, "--json", "--report", out)
     assert result.exit_code == BACKDOOR_SUSPECTED_EXIT_CODE, result.output
     report = json.loads(result.stdout)
     assert report["verdict"] == "backdoor suspected"
@@ -61,25 +79,26 @@ def test_scan_flags_a_backdoored_model_and_writes_its_report(scan_data, tmp_path
     assert not list(tmp_path.glob(".report.tmp-*"))  # the temporary folder was moved into place
 
 
-def test_scan_finds_no_evidence_in_a_clean_model_and_writes_nothing(scan_data, tmp_path, monkeypatch):
+def test_scan_finds_no_evidence_in_a_clean_model_and_writes_nothing(clean_model, scan_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = study_model("fmnist-clean-s0")
-    result = _scan(model, "--data", scan_data, "--json")
+    result = _scan(clean_model, "--data", scan_data, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["verdict"] == "no evidence" and report["suspected"] == []
     assert list(tmp_path.iterdir()) == []
 
 
-def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(scan_data, tmp_path):
-    source = study_model("fmnist-clean-s0")
+def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(clean_model, scan_data, tmp_path):
+    """What `clean` does when its detection finds no evidence. The detection is the scan's (the same function, model,
+    images and seed); that it finds none at the default steps is the test above, so here it runs shorter."""
+    source = clean_model
     out = tmp_path / "out"
     held_out = load_images("fashion-mnist")
     held_out = held_out.subset(balanced_indices(held_out.labels, 50, seed=11))
     eval_path = tmp_path / "held_out.npz"
     np.savez(eval_path, x=held_out.images, y=held_out.labels)
     result = runner.invoke(app, ["clean", str(source), "--data", str(scan_data), "--eval-data", str(eval_path),
-                                 "--out", str(out), "--json"])
+                                 "--inversion-steps", "50", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = CleanReport.load(out)
     assert report.target.detected and report.target.evidence is False

@@ -2,6 +2,8 @@
 
 The trigger is never given to ``clean``: it only measures the result. Target 1 (Trouser), whose natural
 confusion on these models is ~0.4%, so an ASR left above a few percent is the backdoor, not the model.
+Each model is cleaned once per run (the session's ``no_bdk_cleaned``, which test_engine_proof shares); the tests
+here measure that result and the surrogates it reconstructed.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import torch
 
 from agme_hub.constants import DEFAULT_SURROGATE_EPS
 from agme_hub.data import split_edit_eval
-from agme_hub.engine.clean import clean, evaluate
+from agme_hub.engine.clean import evaluate
 from agme_hub.engine.edit import GramStats, forget_sum, solve_edit
-from agme_hub.engine.surrogates import forget_sets, invert_perturbation
+from agme_hub.engine.surrogates import forget_sets
 from agme_hub.triggers import DeltaTrigger
 
 from .conftest import TEST_TARGET
@@ -48,24 +50,25 @@ def test_forgetting_two_triggers_adds_their_forget_terms():
     assert not torch.allclose(w, solve_edit(w0, stats(ka), lam=0.01, gamma=1.0))
 
 
-def test_full_image_surrogate_is_bounded_and_reaches_the_target(backdoored, split):
-    model = backdoored(SIG).model
+def test_full_image_surrogate_is_bounded_and_reaches_the_target(no_bdk_cleaned, split):
+    """The full-image surrogate no-BDK reconstructs (``invert_perturbation``) for the SIG model, as ``clean`` made it."""
     edit, _ = split
-    surrogate = invert_perturbation(model, edit, TEST_TARGET, steps=100)
-    assert isinstance(surrogate.trigger, DeltaTrigger) and surrogate.kind == "full"
+    surrogates = {s.kind: s for s in no_bdk_cleaned(SIG).surrogates}
+    surrogate = surrogates["full"]
+    assert isinstance(surrogate.trigger, DeltaTrigger)
     assert surrogate.size <= DEFAULT_SURROGATE_EPS + 0.5 / 255
     others = edit.images[edit.labels != TEST_TARGET]
     change = surrogate.trigger.apply(others).astype(int) - others.astype(int)
     assert np.abs(change).max() <= round(255 * DEFAULT_SURROGATE_EPS) and (change != 0).mean() > 0.5  # full-image
     assert surrogate.success > 0.9
-    assert set(forget_sets({"patch": surrogate, "full": surrogate})) == {"patch", "full", "patch+full"}
+    assert set(forget_sets(surrogates)) == {"patch", "full", "patch+full"}
 
 
 @pytest.mark.parametrize("trigger", ["badnets-white-br", SIG])
-def test_no_bdk_removes_patch_and_full_image_backdoors(backdoored, split, trigger):
+def test_no_bdk_removes_patch_and_full_image_backdoors(backdoored, no_bdk_cleaned, split, trigger):
     model = backdoored(trigger).model
-    edit, held = split
-    result = clean(model, edit, target=TEST_TARGET, seed=0)  # no trigger: surrogates only
+    _, held = split
+    result = no_bdk_cleaned(trigger)  # clean(model, split[0], target=TEST_TARGET, seed=0): no trigger, surrogates only
     before = evaluate(model, held, trigger, TEST_TARGET)
     after = evaluate(result.model, held, trigger, TEST_TARGET)  # measured with the real trigger
     assert result.mode == "no-bdk" and {s.kind for s in result.surrogates} == {"patch", "full"}
