@@ -2,8 +2,9 @@
 
 A backdoored ResNet (white patch, target 1) must be flagged with the right target and exit 40; a clean one
 trained by the same recipe without poison must not (exit 0); `agme clean` with neither trigger nor target
-leaves the clean one as it was and says so. The 20-class model (MNIST digits + Fashion-MNIST items) checks
-that the joint screening still finds the target beyond 10 classes.
+leaves the clean one as it was and says so. A full-image (blend) backdoor must be flagged by the full-image
+evidence (the model test_engine_proof trains; shared within a run). The 20-class model (MNIST digits +
+Fashion-MNIST items) checks that the joint screening still finds the target beyond 10 classes.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from typer.testing import CliRunner
 
 from agme_hub.constants import BACKDOOR_SUSPECTED_EXIT_CODE, CARD_NAME, REPORT_NAME, WEIGHTS_NAME
 from agme_hub.data import ImageSet, Preprocessor, balanced_indices, load_images
-from agme_hub.engine.detection import detect_target_fast, screen_classes
+from agme_hub.engine.detection import detect_target_fast, null_threshold, outlier_scores, screen_classes
 from agme_hub.engine.metrics import measure
 from agme_hub.hub.checkpoint import load_model
 from agme_hub.lab.backdoor import create_classifier
 from agme_hub.lab.scan_study import STUDY_MODELS, edit_images, study_model
 from agme_hub.report import CleanReport
 from cli import app
+
+from .conftest import TEST_TARGET
 
 runner = CliRunner()
 
@@ -51,11 +54,14 @@ def test_scan_flags_a_backdoored_model_and_writes_its_report(scan_data, tmp_path
     report = json.loads(result.stdout)
     assert report["verdict"] == "backdoor suspected"
     assert report["suspected"][0]["index"] == STUDY_MODELS["fmnist-white-br"].target
-    assert report["suspected"][0]["anomaly_index"] > 2 and report["suspected"][0]["attack_success"] >= 0.5
+    assert "patch" in report["suspected"][0]["evidence"]
+    assert report["suspected"][0]["anomaly_index"] > report["threshold"] > 2
+    assert report["suspected"][0]["attack_success"] >= 0.5
     assert [entry["index"] for entry in report["ranking"]][0] == report["target"]
     assert len(report["ranking"]) == 10
     written = json.loads((out / "scan_report.json").read_text())
     assert written["verdict"] == report["verdict"]
+    assert report["full_eps"] > 0 and all(entry["full_eps"] is not None for entry in report["ranking"])
     for name in report["suspected"][0]["files"]:
         assert (out / name).is_file()
     assert not list(tmp_path.glob(".report.tmp-*"))  # the temporary folder was moved into place
@@ -91,6 +97,26 @@ def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(scan_data, 
     ca = [measure(m, held_out, Preprocessor.from_model(m)).clean_accuracy for m in (before, after)]
     assert ca[0] - ca[1] <= 0.005
     assert (out / REPORT_NAME).is_file() and (out / WEIGHTS_NAME).is_file()
+
+
+def test_a_full_image_backdoor_is_flagged_by_the_full_image_evidence(backdoored):
+    """A blend trigger (the whole image, 15% noise): the smallest full-image perturbation reaches its target."""
+    model = backdoored("blend:alpha=0.15").model
+    detection = detect_target_fast(model, edit_images("fashion-mnist", seed=3))
+    assert detection.flagged and detection.target == TEST_TARGET
+    assert detection.full.flagged and detection.full.leader == TEST_TARGET
+    assert detection.full.anomaly_index > detection.threshold
+
+
+def test_the_threshold_keeps_a_clean_models_false_positive_rate_under_the_null():
+    """Sizes of a clean model's classes (log-normal, two statistics): the verdict's largest index passes the
+    threshold 5% of the time. More classes, a higher threshold (the smallest of more values lies further out)."""
+    rng = np.random.default_rng(1)
+    sizes = np.exp(rng.normal(4.0, 0.4, (3000, 2, 10)))
+    largest = np.array([max(outlier_scores(draw[0]).max(), outlier_scores(draw[1]).max()) for draw in sizes])
+    threshold = null_threshold((10, 10))
+    assert abs(float((largest > threshold).mean()) - 0.05) < 0.015
+    assert threshold > 2 and null_threshold((100, 33)) > null_threshold((10, 10))
 
 
 def test_twenty_classes_detection_finds_the_target():
