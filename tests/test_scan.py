@@ -138,3 +138,27 @@ def test_screening_spends_its_budget_evenly_over_many_classes():
     assert screening.image_passes <= 20 * 64 * 8
     assert screening.image_passes == 100 * screening.updates * screening.images
     assert screening.norms.shape == (100,) and np.isfinite(screening.norms).all()
+
+
+def test_scan_report_words_both_kinds_of_evidence():
+    """The CLI's table and evidence lines (ScanReport.table, evidence_lines) for a full-image-only suspect."""
+    from agme_hub.app.scan import RankedClass, ScanReport, SuspectedTarget
+
+    suspect = SuspectedTarget(index=0, label="T-shirt/top", evidence=["full-image"], anomaly_index=1.96, mask_l1=30.1,
+                              mask_fraction=0.0294, attack_success=0.9, full_anomaly_index=2.6, full_eps=0.0183,
+                              full_success=0.5)
+    other = SuspectedTarget(index=8, label="Bag", anomaly_index=1.2, mask_l1=41.0, mask_fraction=0.04,
+                            attack_success=0.7, full_anomaly_index=0.3, full_eps=0.1)
+    ranking = [RankedClass(index=0, label="T-shirt/top", mask_l1=29.4, anomaly_index=1.96, full_eps=0.0183,
+                           full_anomaly_index=2.6), RankedClass(index=8, label="Bag", mask_l1=41.5, anomaly_index=1.2)]
+    report = ScanReport(verdict="backdoor suspected", target=0, anomaly_index=1.96, mask_l1=30.1, attack_success=0.9,
+                        suspected=[suspect], ranking=ranking, inverted=[suspect, other], num_classes=10, n_images=100,
+                        seconds=1.0, threshold=2.287)
+    (line,) = report.evidence_lines()
+    assert "outlier by full-image" in line and "4.7/255 reaches 50.0%" in line and "above 2.29" in line
+    columns, rows = report.table()
+    assert rows[0][columns.index("full-image eps")] == "4.7/255" and rows[1][columns.index("index (full)")] == "-"
+    quiet = ScanReport(**{**report.__dict__, "verdict": "no evidence", "suspected": [], "inverted": [other]})
+    assert quiet.evidence_lines()[0].startswith("leading class (not an outlier): 8 (Bag)")
+    assert "reaches about half" in quiet.evidence_lines()[0]
+    assert json.loads(json.dumps(quiet.to_json()))["full_eps"] is None

@@ -110,8 +110,9 @@ class ScanReport:
             if s.mask_fraction is not None:
                 parts[0] += f", mask {s.mask_fraction:.1%} of the image, attack success {s.attack_success:.1%}"
             if s.full_eps is not None:
+                reach = "about half of the others" if s.full_success is None else f"{s.full_success:.1%}"
                 parts.append(f"full-image: anomaly index {s.full_anomaly_index:.2f}, |delta|_inf "
-                             f"{255 * s.full_eps:.1f}/255 reaches {s.full_success:.1%}")
+                             f"{255 * s.full_eps:.1f}/255 reaches {reach}")
             return "; ".join(parts)
 
         head = f" (an index above {self.threshold:.2f} is an outlier)"

@@ -73,6 +73,9 @@ STUDY_MODELS: dict[str, StudyModel] = {m.name: m for m in [
     StudyModel("fmnist-clean-s4", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=4),
     StudyModel("convnext-clean-s0", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=0, arch="convnext"),
     StudyModel("convnext-clean-s1", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=1, arch="convnext"),
+    StudyModel("convnext-clean-s2", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=2, arch="convnext"),
+    StudyModel("convnext-clean-s3", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=3, arch="convnext"),
+    StudyModel("fmnist-clean-s5", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=5),
     StudyModel("convnext-checker-br-t3", "fashion-mnist", "badnets-checker-br", 3, 0.1, arch="convnext"),
     *[StudyModel(f"bench-{arch}-{trigger}", "fashion-mnist", trigger, 0, 0.1, arch=arch, bench=True)
       for arch in ("resnet10t", "convnext") for trigger in ("badnets-white-br", "blend", "additive", "sig")],
