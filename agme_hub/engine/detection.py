@@ -73,6 +73,7 @@ _EPS_START = 8 / 255  # every class starts from this L-inf budget (of 1)
 _EPS_TRAVEL = 6.0  # log-budget a class can move over all its updates (a factor e^6 = 400 either way)
 _EPS_RANGE = (1 / 255, 1.0)
 _SUCCESS_EMA = 0.8  # smoothing of the per-update success the budget follows
+_SUCCESS_IMAGES = 512  # at most this many images of D minus the leader measure its perturbation's success
 
 
 @dataclass(frozen=True)
@@ -314,11 +315,13 @@ def _full_evidence(model: torch.nn.Module, data: ImageSet, full: FullScreening, 
     best = int(order[0])
     leader = full.classes[best]
     preprocess = Preprocessor.from_model(model)
-    keep = data.labels != leader
+    keep = np.flatnonzero(data.labels != leader)
+    if len(keep) > _SUCCESS_IMAGES:  # many classes: a seeded sample measures the success as well
+        keep = np.sort(np.random.default_rng(leader).choice(keep, _SUCCESS_IMAGES, replace=False))
     # rounded to whole pixel values, as the trigger will stamp it, before measuring its success
     delta = torch.round(255.0 * float(full.eps[best]) * full.directions[best:best + 1]) / 255.0
     success = 0.0
-    if keep.any():
+    if len(keep):
         x = Preprocessor.to_unit(data.images[keep])
         device = model_device(model)
         with torch.no_grad():
@@ -375,7 +378,11 @@ def detect_target_fast(model: torch.nn.Module, data: ImageSet, *, steps: int = D
     threshold = ANOMALY_THRESHOLD
     if full_image:
         # the classes the mask screening ranks first, as many as the full-image screening's floor allows
-        shown = [candidates[i] for i in order[:max(2, full_budget // (_FULL_MIN_UPDATES * _FULL_IMAGES))]]
+        most_full = full_budget // (_FULL_MIN_UPDATES * _FULL_IMAGES)
+        per_step = _BATCH // _FULL_IMAGES
+        if most_full > per_step:  # whole steps only: a last step of one class would cost as many steps again
+            most_full -= most_full % per_step
+        shown = [candidates[i] for i in order[:max(2, most_full)]]
         shown = [cls for cls in shown if cls in set(screened)] or shown
         threshold = null_threshold((len(screened), len(shown)))
         full = _full_evidence(model, data, screen_full(model, data, shown, budget=full_budget, seed=seed),
