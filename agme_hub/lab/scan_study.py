@@ -8,6 +8,7 @@ quick recipe, target 0: ResNet and ConvNeXt with a white patch, blend, additive 
 
     python -m agme_hub.lab.scan_study accuracy [NAME...]   # one row per model: both indices, verdict, target
     python -m agme_hub.lab.scan_study cost [K...]          # detection cost against one single-class inversion
+    python -m agme_hub.lab.scan_study indices [NAME...]    # both screenings' leaders: MAD index and log-Grubbs index
 
 ``DEVELOPMENT`` are the models the detection was designed on; the others were added to measure it after its
 design was fixed (docs/METHOD.md, issue 12).
@@ -27,8 +28,8 @@ import torch
 from ..app.scan import ScanReport, scan_model
 from ..constants import cache_dir
 from ..data import ImageSet, balanced_indices, load_images
-from ..engine.detection import detect_target_fast
-from ..engine.inversion import invert_trigger
+from ..engine.detection import FULL_SHARE, detect_target_fast, outlier_scores, screen_classes, screen_full
+from ..engine.inversion import anomaly_indices, invert_trigger
 from ..hub.checkpoint import load_model
 from .backdoor import BackdoorConfig, cached_backdoored, create_classifier
 from .bench.grid import BenchConfig, arch_spec
@@ -164,6 +165,24 @@ def _accuracy(names: list[str], seeds: list[int]) -> None:
                   flush=True)
 
 
+def _indices(names: list[str], steps: int = 200, batch_size: int = 64) -> None:
+    """Both screenings of every class (the budgets detection gives them), and their leaders' MAD index (Neural
+    Cleanse's) against the log-Grubbs index (``outlier_scores``): why detection uses the second."""
+    for name in names:
+        spec = STUDY_MODELS[name]
+        model = load_model(study_model(name))
+        data = edit_images(spec.dataset)
+        classes = list(range(data.num_classes))
+        budget = steps * batch_size
+        full_budget = int(np.ceil(FULL_SHARE * budget))
+        sizes = {"mask": screen_classes(model, data, classes, budget=budget - full_budget).norms,
+                 "eps": screen_full(model, data, classes, budget=full_budget).eps}
+        print(json.dumps({"model": name, "target": spec.target if spec.backdoored else None, **{
+            kind: {"leader": int(np.argmin(v)), "mad_index": round(float(anomaly_indices(v).max()), 3),
+                   "log_grubbs_index": round(float(outlier_scores(v).max()), 3)} for kind, v in sizes.items()}}),
+              flush=True)
+
+
 def main(argv: list[str]) -> None:
     what = argv[0] if argv else "accuracy"
     if what == "accuracy":  # --seeds 0,1: scan each model with these draws of D
@@ -174,11 +193,13 @@ def main(argv: list[str]) -> None:
             seeds = [int(v) for v in args[at + 1].split(",")]
             args = args[:at] + args[at + 2:]
         _accuracy(args or list(STUDY_MODELS), seeds)
+    elif what == "indices":
+        _indices(argv[1:] or list(DEVELOPMENT))
     elif what == "cost":
         for k in [int(a) for a in argv[1:]] or [10, 100, 1000]:
             print(detection_cost(k), flush=True)
     else:
-        raise SystemExit(f"unknown study {what!r}: accuracy or cost")
+        raise SystemExit(f"unknown study {what!r}: accuracy, indices or cost")
 
 
 if __name__ == "__main__":
