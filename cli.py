@@ -342,11 +342,11 @@ def scan(source: SourceArg, data: DataOpt = "",
         _emit_json(result)
     else:
         table = Table(title=f"{source}: {result.verdict}")
-        for column in ("rank", "class", "label", "mask (screening)", "anomaly index"):
+        columns, rows = result.table()
+        for column in columns:
             table.add_column(column, justify="left" if column == "label" else "right")
-        for rank, entry in enumerate(result.ranking[:10], start=1):
-            table.add_row(str(rank), str(entry.index), escape(entry.label), f"{entry.mask_l1:.1f}",
-                          f"{entry.anomaly_index:.2f}")
+        for row in rows:
+            table.add_row(*(escape(cell) for cell in row))
         err_console.print(table)
         for line in result.evidence_lines():
             err_console.print(escape(line))

@@ -4,8 +4,9 @@ A backdoored ResNet (white patch, target 1) must be flagged with the right targe
 trained by the same recipe without poison must not (exit 0); `agme clean` with neither trigger nor target
 leaves the clean one as it was and says so. These two are the session's ``backdoored`` models (trained once per
 run and shared with the other modules; the scan study's ``fmnist-white-br`` and ``fmnist-clean-s0`` are the same
-recipe, checked below). The 20-class model (MNIST digits + Fashion-MNIST items, cached: trained once per
-machine) checks that the joint screening still finds the target beyond 10 classes.
+recipe, checked below). A full-image (blend) backdoor must be flagged by the full-image evidence (the model
+test_engine_proof trains; shared within a run). The 20-class model (MNIST digits + Fashion-MNIST items, cached:
+trained once per machine) checks that the joint screening still finds the target beyond 10 classes.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from typer.testing import CliRunner
 
 from agme_hub.constants import BACKDOOR_SUSPECTED_EXIT_CODE, CARD_NAME, REPORT_NAME, WEIGHTS_NAME
 from agme_hub.data import ImageSet, Preprocessor, balanced_indices, load_images
-from agme_hub.engine.detection import detect_target_fast, screen_classes
+from agme_hub.engine.detection import detect_target_fast, null_threshold, outlier_scores, screen_classes
 from agme_hub.engine.metrics import measure
 from agme_hub.hub.checkpoint import load_model
 from agme_hub.lab.backdoor import create_classifier
 from agme_hub.lab.scan_study import STUDY_MODELS, edit_images, study_config, study_model
 from agme_hub.report import CleanReport
 from cli import app
+
+from .conftest import TEST_TARGET
 
 runner = CliRunner()
 TRIGGER = "badnets-white-br"
@@ -69,11 +72,14 @@ def test_scan_flags_a_backdoored_model_and_writes_its_report(backdoored_model, s
     report = json.loads(result.stdout)
     assert report["verdict"] == "backdoor suspected"
     assert report["suspected"][0]["index"] == STUDY_MODELS["fmnist-white-br"].target
-    assert report["suspected"][0]["anomaly_index"] > 2 and report["suspected"][0]["attack_success"] >= 0.5
+    assert "patch" in report["suspected"][0]["evidence"]
+    assert report["suspected"][0]["anomaly_index"] > report["threshold"] > 2
+    assert report["suspected"][0]["attack_success"] >= 0.5
     assert [entry["index"] for entry in report["ranking"]][0] == report["target"]
     assert len(report["ranking"]) == 10
     written = json.loads((out / "scan_report.json").read_text())
     assert written["verdict"] == report["verdict"]
+    assert report["full_eps"] > 0 and all(entry["full_eps"] is not None for entry in report["ranking"])
     for name in report["suspected"][0]["files"]:
         assert (out / name).is_file()
     assert not list(tmp_path.glob(".report.tmp-*"))  # the temporary folder was moved into place
@@ -112,6 +118,26 @@ def test_clean_without_trigger_or_target_leaves_a_clean_model_intact(clean_model
     assert (out / REPORT_NAME).is_file() and (out / WEIGHTS_NAME).is_file()
 
 
+def test_a_full_image_backdoor_is_flagged_by_the_full_image_evidence(backdoored):
+    """A blend trigger (the whole image, 15% noise): the smallest full-image perturbation reaches its target."""
+    model = backdoored("blend:alpha=0.15").model
+    detection = detect_target_fast(model, edit_images("fashion-mnist", seed=3))
+    assert detection.flagged and detection.target == TEST_TARGET
+    assert detection.full.flagged and detection.full.leader == TEST_TARGET
+    assert detection.full.anomaly_index > detection.threshold
+
+
+def test_the_threshold_keeps_a_clean_models_false_positive_rate_under_the_null():
+    """Sizes of a clean model's classes (log-normal, two statistics): the verdict's largest index passes the
+    threshold 5% of the time. More classes, a higher threshold (the smallest of more values lies further out)."""
+    rng = np.random.default_rng(1)
+    sizes = np.exp(rng.normal(4.0, 0.4, (3000, 2, 10)))
+    largest = np.array([max(outlier_scores(draw[0]).max(), outlier_scores(draw[1]).max()) for draw in sizes])
+    threshold = null_threshold((10, 10))
+    assert abs(float((largest > threshold).mean()) - 0.05) < 0.015
+    assert threshold > 2 and null_threshold((100, 33)) > null_threshold((10, 10))
+
+
 def test_twenty_classes_detection_finds_the_target():
     spec = STUDY_MODELS["twenty-white-br-t13"]
     model = load_model(study_model(spec.name))
@@ -131,3 +157,27 @@ def test_screening_spends_its_budget_evenly_over_many_classes():
     assert screening.image_passes <= 20 * 64 * 8
     assert screening.image_passes == 100 * screening.updates * screening.images
     assert screening.norms.shape == (100,) and np.isfinite(screening.norms).all()
+
+
+def test_scan_report_words_both_kinds_of_evidence():
+    """The CLI's table and evidence lines (ScanReport.table, evidence_lines) for a full-image-only suspect."""
+    from agme_hub.app.scan import RankedClass, ScanReport, SuspectedTarget
+
+    suspect = SuspectedTarget(index=0, label="T-shirt/top", evidence=["full-image"], anomaly_index=1.96, mask_l1=30.1,
+                              mask_fraction=0.0294, attack_success=0.9, full_anomaly_index=2.6, full_eps=0.0183,
+                              full_success=0.5)
+    other = SuspectedTarget(index=8, label="Bag", anomaly_index=1.2, mask_l1=41.0, mask_fraction=0.04,
+                            attack_success=0.7, full_anomaly_index=0.3, full_eps=0.1)
+    ranking = [RankedClass(index=0, label="T-shirt/top", mask_l1=29.4, anomaly_index=1.96, full_eps=0.0183,
+                           full_anomaly_index=2.6), RankedClass(index=8, label="Bag", mask_l1=41.5, anomaly_index=1.2)]
+    report = ScanReport(verdict="backdoor suspected", target=0, anomaly_index=1.96, mask_l1=30.1, attack_success=0.9,
+                        suspected=[suspect], ranking=ranking, inverted=[suspect, other], num_classes=10, n_images=100,
+                        seconds=1.0, threshold=2.287)
+    (line,) = report.evidence_lines()
+    assert "outlier by full-image" in line and "4.7/255 reaches 50.0%" in line and "above 2.29" in line
+    columns, rows = report.table()
+    assert rows[0][columns.index("full-image eps")] == "4.7/255" and rows[1][columns.index("index (full)")] == "-"
+    quiet = ScanReport(**{**report.__dict__, "verdict": "no evidence", "suspected": [], "inverted": [other]})
+    assert quiet.evidence_lines()[0].startswith("leading class (not an outlier): 8 (Bag)")
+    assert "reaches about half" in quiet.evidence_lines()[0]
+    assert json.loads(json.dumps(quiet.to_json()))["full_eps"] is None

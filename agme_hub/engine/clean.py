@@ -244,7 +244,8 @@ def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigg
         detection = detect_target_fast(model, data, steps=method.inversion_steps, seed=method.seed,
                                        eval_batch_size=batch, progress=steps)
         target = detection.target
-        patch = detection.inversions[target]  # the patch surrogate of the detected class is already made
+        # the patch surrogate of the detected class is already made, unless only the full-image evidence chose it
+        patch = detection.inversions.get(target)
         if not detection.flagged:  # no evidence: clean() returns the model unchanged, no surrogate is needed
             return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=patch.trigger, target=target,
                                   detection=detection, seconds=time.perf_counter() - start, forget={})

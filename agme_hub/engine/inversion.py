@@ -26,9 +26,9 @@ from ..data import ImageSet, Preprocessor
 from ..devices import model_device
 from ..errors import DataError
 from ..progress import StageCounter
-from ..triggers import MaskTrigger
+from ..triggers import DeltaTrigger, MaskTrigger
 
-__all__ = ["Inversion", "TargetDetection", "invert_trigger", "detect_target", "anomaly_indices", "frozen",
+__all__ = ["Inversion", "FullImageEvidence", "TargetDetection", "invert_trigger", "detect_target", "anomaly_indices", "frozen",
            "other_class_images"]
 
 
@@ -42,12 +42,28 @@ class Inversion:
 
 
 @dataclass(frozen=True)
+class FullImageEvidence:
+    """How small a full-image perturbation ``clip(x + delta)``, ``|delta|_inf <= eps``, reaches each class."""
+
+    ranking: list[tuple[int, float, float]]  # (class, eps, anomaly index), smallest eps first
+    leader: int  # the class the smallest perturbation reaches
+    anomaly_index: float  # the leader's anomaly index of eps (detection.outlier_scores)
+    eps: float  # the leader's budget (of 1): about half of D minus the leader reaches it at that size
+    success: float  # fraction of D minus the leader its perturbation sends to it, at ``eps``
+    flagged: bool  # the leader's index is above the detection's threshold
+    trigger: DeltaTrigger  # the leader's perturbation
+
+
+@dataclass(frozen=True)
 class TargetDetection:
     target: int
-    anomaly_index: float  # of the chosen class; > 2 counts as an outlier
-    flagged: bool
+    anomaly_index: float  # of the chosen class (patch: mask L1); above ``threshold`` counts as an outlier
+    flagged: bool  # a backdoor is suspected: the patch or the full-image evidence is an outlier
     ranking: list[tuple[int, float, float]]  # (class, mask L1, anomaly index), smallest mask first
     inversions: dict[int, Inversion]
+    threshold: float = 2.0  # the anomaly index above which a class is an outlier
+    patch_flagged: bool | None = None  # the patch evidence alone (None: the same as ``flagged``)
+    full: FullImageEvidence | None = None  # the full-image screening, when it ran
 
 
 @contextmanager

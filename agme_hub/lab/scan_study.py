@@ -1,15 +1,22 @@
 """Measure target detection and ``agme scan`` on real trained models: accuracy, TPR/FPR and cost.
 
-Models are trained once and cached (``cached_backdoored``, prefix ``scan-``): backdoored ones with several
-triggers, clean ones by the same recipe with poison rate 0, and a 20-class one (MNIST digits and Fashion-MNIST
-items, ``mnist+fashion-mnist``). Run ``python -m agme_hub.lab.scan_study`` to print every number it measures::
+Models are trained once and cached: backdoored ones with several triggers and architectures, clean ones by the
+same recipe with poison rate 0 (other seeds, both architectures), a 20-class one (MNIST digits and
+Fashion-MNIST items, ``mnist+fashion-mnist``), and the bench's own backdoored models (``agme_hub.lab.bench``,
+quick recipe, target 0: ResNet and ConvNeXt with a white patch, blend, additive and SIG). Run
+``python -m agme_hub.lab.scan_study`` to print every number it measures::
 
-    python -m agme_hub.lab.scan_study accuracy      # detection and scan verdicts on the study's models
-    python -m agme_hub.lab.scan_study cost          # detection cost against one single-class inversion
+    python -m agme_hub.lab.scan_study accuracy [NAME...]   # one row per model: both indices, verdict, target
+    python -m agme_hub.lab.scan_study cost [K...]          # detection cost against one single-class inversion
+    python -m agme_hub.lab.scan_study indices [NAME...]    # both screenings' leaders: MAD index and log-Grubbs index
+
+``DEVELOPMENT`` are the models the detection was designed on; the others were added to measure it after its
+design was fixed (docs/METHOD.md, issue 12).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -18,28 +25,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..app.scan import scan_model
+from ..app.scan import ScanReport, scan_model
+from ..constants import cache_dir
 from ..data import ImageSet, balanced_indices, load_images
-from ..engine.detection import detect_target_fast
-from ..engine.inversion import invert_trigger
+from ..engine.detection import FULL_SHARE, detect_target_fast, outlier_scores, screen_classes, screen_full
+from ..engine.inversion import anomaly_indices, invert_trigger
 from ..hub.checkpoint import load_model
 from .backdoor import BackdoorConfig, cached_backdoored, create_classifier
+from .bench.grid import BenchConfig, arch_spec
+from .bench.models import backdoored_model, resolve_trigger
 
-__all__ = ["StudyModel", "STUDY_MODELS", "study_model", "study_config", "edit_images", "detection_cost"]
+__all__ = ["StudyModel", "STUDY_MODELS", "DEVELOPMENT", "study_model", "study_config", "edit_images",
+           "detection_cost", "study_row"]
 
 # The recipe of the tests' models (tests/conftest.py): a narrow ResNet-10 on 300 images per class, 6 epochs.
+# The bench's ARCHS give the same for ResNet (and the narrow ConvNeXt its recipe).
 SMALL_RESNET = {"channels": [16, 32, 64, 128]}
-STUDY_TRAINING = dict(n_train=300, n_test=100, epochs=6, lr=3e-3, img_size=32)
+STUDY_TRAINING = dict(n_train=300, n_test=100, img_size=32)
 
 
 @dataclass(frozen=True)
 class StudyModel:
     name: str
     dataset: str
-    trigger: str
+    trigger: str  # a spec, or with ``bench`` a name of the bench's TRIGGERS
     target: int
     poison_rate: float  # 0: a clean model, trained by the same recipe without poison
     seed: int = 0
+    arch: str = "resnet10t"  # a name of the bench's ARCHS
+    bench: bool = False  # the bench's cached model of (arch, trigger): quick recipe, target 0, seed 0
 
     @property
     def backdoored(self) -> bool:
@@ -49,23 +63,45 @@ class StudyModel:
 STUDY_MODELS: dict[str, StudyModel] = {m.name: m for m in [
     StudyModel("fmnist-white-br", "fashion-mnist", "badnets-white-br", 1, 0.1),
     StudyModel("fmnist-checker-br-t3", "fashion-mnist", "badnets-checker-br", 3, 0.1),
-    StudyModel("fmnist-noise-center-t7", "fashion-mnist", "badnets-noise-center", 7, 0.1),
     StudyModel("fmnist-blend-t5", "fashion-mnist", "blend:alpha=0.1,image=noise,seed=0", 5, 0.1),
     StudyModel("fmnist-clean-s0", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=0),
     StudyModel("fmnist-clean-s1", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=1),
-    StudyModel("fmnist-clean-s2", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=2),
     StudyModel("twenty-white-br-t13", "mnist+fashion-mnist", "badnets-white-br", 13, 0.1),
+    # added after the design was fixed
+    StudyModel("fmnist-noise-center-t7", "fashion-mnist", "badnets-noise-center", 7, 0.1),
+    StudyModel("fmnist-clean-s2", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=2),
+    StudyModel("fmnist-clean-s3", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=3),
+    StudyModel("fmnist-clean-s4", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=4),
+    StudyModel("convnext-clean-s0", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=0, arch="convnext"),
+    StudyModel("convnext-clean-s1", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=1, arch="convnext"),
+    StudyModel("convnext-clean-s2", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=2, arch="convnext"),
+    StudyModel("convnext-clean-s3", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=3, arch="convnext"),
+    StudyModel("fmnist-clean-s5", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=5),
+    StudyModel("convnext-checker-br-t3", "fashion-mnist", "badnets-checker-br", 3, 0.1, arch="convnext"),
+    *[StudyModel(f"bench-{arch}-{trigger}", "fashion-mnist", trigger, 0, 0.1, arch=arch, bench=True)
+      for arch in ("resnet10t", "convnext") for trigger in ("badnets-white-br", "blend", "additive", "sig")],
 ]}
+DEVELOPMENT = ("fmnist-white-br", "fmnist-checker-br-t3", "fmnist-blend-t5", "fmnist-clean-s0", "fmnist-clean-s1",
+               "twenty-white-br-t13")
 
 
 def study_config(model: StudyModel) -> BackdoorConfig:
-    return BackdoorConfig(dataset=model.dataset, arch="resnet10t", trigger=model.trigger, target=model.target,
-                          poison_rate=model.poison_rate, seed=model.seed, model_args=SMALL_RESNET, **STUDY_TRAINING)
+    spec = arch_spec(model.arch)
+    return BackdoorConfig(dataset=model.dataset, arch=spec.timm_name, trigger=model.trigger, target=model.target,
+                          poison_rate=model.poison_rate, seed=model.seed, model_args=dict(spec.model_args),
+                          epochs=spec.epochs, lr=spec.lr, **STUDY_TRAINING)
 
 
 def study_model(name: str) -> Path:
-    """The folder of a study model, trained on first use (a minute or so on 2 cores) and cached."""
-    return cached_backdoored(study_config(STUDY_MODELS[name]), prefix="scan-")
+    """The folder of a study model, trained on first use (one to five minutes on 2 cores) and cached."""
+    spec = STUDY_MODELS[name]
+    if spec.bench:
+        data = load_images(spec.dataset, split="test")
+        trigger = resolve_trigger(spec.trigger, data.image_shape, cache_dir() / "bench" / "triggers")
+        _, info = backdoored_model(cache_dir() / "bench", spec.dataset, spec.arch, spec.trigger, trigger, spec.seed,
+                                   BenchConfig.quick(), data.image_shape)
+        return Path(info["model_dir"])
+    return cached_backdoored(study_config(spec), prefix="scan-")
 
 
 def edit_images(dataset: str, per_class: int = 10, seed: int = 0) -> ImageSet:
@@ -79,7 +115,8 @@ def detection_cost(num_classes: int, *, img_size: int = 16, steps: int = 200, to
     """Seconds of detection over ``num_classes`` classes against one single-class inversion, on a random head.
 
     A narrow ResNet-10 with random weights (timing only: what it detects means nothing), ``img_size`` pixels,
-    two random images per class. Both are measured in the same process, one after the other.
+    two random images per class. Measured in the same process: one inversion, the detection, the inversion
+    again; the ratio is against the mean of the two inversions (the load of a shared machine drifts).
     """
     torch.manual_seed(seed)
     model = create_classifier("resnet10t", num_classes=num_classes, in_chans=1, img_size=img_size, mean=(0.5,),
@@ -88,40 +125,81 @@ def detection_cost(num_classes: int, *, img_size: int = 16, steps: int = 200, to
     labels = np.repeat(np.arange(num_classes), 2)
     images = rng.integers(0, 256, (len(labels), img_size, img_size, 1), dtype=np.uint8)
     data = ImageSet(images, labels, [str(i) for i in range(num_classes)], "random")
-    start = time.perf_counter()
-    invert_trigger(model, data, 0, steps=steps, seed=seed)
-    single = time.perf_counter() - start
-    start = time.perf_counter()
-    detect_target_fast(model, data, steps=steps, seed=seed, top_k=top_k)
-    detection = time.perf_counter() - start
+    def seconds(run) -> float:  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+    def single_inversion() -> None:
+        invert_trigger(model, data, 0, steps=steps, seed=seed)
+
+    before = seconds(single_inversion)
+    detection = seconds(lambda: detect_target_fast(model, data, steps=steps, seed=seed, top_k=top_k))
+    single = (before + seconds(single_inversion)) / 2
     return {"classes": num_classes, "single_inversion_s": round(single, 2), "detection_s": round(detection, 2),
             "ratio": round(detection / single, 2)}
 
 
-def _accuracy(names: list[str]) -> None:
+def study_row(name: str, report: ScanReport, seconds: float) -> dict[str, object]:
+    """One row of the study's table: what was planted, both indices, the verdict and the detected target."""
+    spec = STUDY_MODELS[name]
+    return {"model": name, "arch": spec.arch, "trigger": spec.trigger if spec.backdoored else "none (clean)",
+            "backdoored": spec.backdoored, "target": spec.target if spec.backdoored else None,
+            "development": name in DEVELOPMENT, "patch_index": report.ranking[0].anomaly_index,
+            "full_index": report.full_anomaly_index, "full_eps": report.full_eps, "full_success": report.full_success,
+            "full_target": report.full_target, "threshold": report.threshold, "verdict": report.verdict,
+            "detected": report.target, "right_target": (report.target == spec.target) if spec.backdoored else None,
+            "evidence": sorted({e for s in report.suspected for e in s.evidence}), "seconds": round(seconds, 1),
+            "patch_ranking": [(r.index, r.mask_l1, r.anomaly_index) for r in report.ranking[:3]]}
+
+
+def _accuracy(names: list[str], seeds: list[int]) -> None:
     for name in names:
         spec = STUDY_MODELS[name]
-        folder = study_model(name)
-        model = load_model(folder)
+        model = load_model(study_model(name))
+        for seed in seeds:  # the draw of D: 10 clean test images per class
+            data = edit_images(spec.dataset, seed=seed)
+            start = time.perf_counter()
+            result = scan_model(model, data)
+            print(json.dumps({**study_row(name, result, time.perf_counter() - start), "data_seed": seed}),
+                  flush=True)
+
+
+def _indices(names: list[str], steps: int = 200, batch_size: int = 64) -> None:
+    """Both screenings of every class (the budgets detection gives them), and their leaders' MAD index (Neural
+    Cleanse's) against the log-Grubbs index (``outlier_scores``): why detection uses the second."""
+    for name in names:
+        spec = STUDY_MODELS[name]
+        model = load_model(study_model(name))
         data = edit_images(spec.dataset)
-        start = time.perf_counter()
-        result = scan_model(model, data)
-        seconds = time.perf_counter() - start
-        print(f"{name:<24} backdoored={spec.backdoored!s:<5} target={spec.target:>2}  verdict={result.verdict:<18} "
-              f"detected={result.target:>2} index={result.anomaly_index:5.2f} mask={result.mask_l1:6.1f} "
-              f"success={result.attack_success:.2f} ({seconds:.0f} s); first 3 of the ranking (class, mask, index): "
-              f"{[(r.index, r.mask_l1, r.anomaly_index) for r in result.ranking[:3]]}", flush=True)
+        classes = list(range(data.num_classes))
+        budget = steps * batch_size
+        full_budget = int(np.ceil(FULL_SHARE * budget))
+        sizes = {"mask": screen_classes(model, data, classes, budget=budget - full_budget).norms,
+                 "eps": screen_full(model, data, classes, budget=full_budget).eps}
+        print(json.dumps({"model": name, "target": spec.target if spec.backdoored else None, **{
+            kind: {"leader": int(np.argmin(v)), "mad_index": round(float(anomaly_indices(v).max()), 3),
+                   "log_grubbs_index": round(float(outlier_scores(v).max()), 3)} for kind, v in sizes.items()}}),
+              flush=True)
 
 
 def main(argv: list[str]) -> None:
     what = argv[0] if argv else "accuracy"
-    if what == "accuracy":
-        _accuracy(argv[1:] or list(STUDY_MODELS))
+    if what == "accuracy":  # --seeds 0,1: scan each model with these draws of D
+        args = argv[1:]
+        seeds = [0]
+        if "--seeds" in args:
+            at = args.index("--seeds")
+            seeds = [int(v) for v in args[at + 1].split(",")]
+            args = args[:at] + args[at + 2:]
+        _accuracy(args or list(STUDY_MODELS), seeds)
+    elif what == "indices":
+        _indices(argv[1:] or list(DEVELOPMENT))
     elif what == "cost":
         for k in [int(a) for a in argv[1:]] or [10, 100, 1000]:
             print(detection_cost(k), flush=True)
     else:
-        raise SystemExit(f"unknown study {what!r}: accuracy or cost")
+        raise SystemExit(f"unknown study {what!r}: accuracy, indices or cost")
 
 
 if __name__ == "__main__":
