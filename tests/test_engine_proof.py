@@ -10,7 +10,6 @@ import pytest
 
 from agme_hub.data import split_edit_eval
 from agme_hub.engine.clean import clean, evaluate
-from agme_hub.engine.inversion import detect_target
 
 from .conftest import TEST_TARGET
 
@@ -52,26 +51,6 @@ def test_no_bdk_with_target_given(backdoored, no_bdk_cleaned, split):
     assert result.mode == "no-bdk" and result.trigger_kind == "surrogate"
     _, after = _before_after(model, result, held, "badnets-white-br")  # measured with the real trigger
     assert after.attack_success_rate < 0.05
-
-
-def test_per_class_detection_ranks_the_classes_it_inverts(backdoored, split):
-    """``detect_target`` (Neural Cleanse: one full inversion per class), its bookkeeping on a few short inversions.
-
-    The engine detects with ``detect_target_fast`` (one joint screening, then the leaders in full); that it finds
-    this very model's target, flagged with anomaly index > 2, is proved on real data in tests/test_scan.py.
-    """
-    model = backdoored("badnets-white-br").model
-    classes = [0, TEST_TARGET, 5]
-    detection = detect_target(model, split[0], steps=20, seed=0, classes=classes)
-    assert sorted(detection.inversions) == sorted(classes)
-    assert sorted(cls for cls, _, _ in detection.ranking) == sorted(classes)
-    norms = [norm for _, norm, _ in detection.ranking]
-    assert norms == sorted(norms) and detection.target == detection.ranking[0][0]
-    full = split[0].images[0, ..., 0].size  # an inversion that does not reach its class counts as full size
-    for cls, norm, index in detection.ranking:
-        inversion = detection.inversions[cls]
-        assert norm == (inversion.mask_l1 if inversion.success >= 0.5 else full) and index >= 0
-    assert detection.anomaly_index == detection.ranking[0][2] and detection.flagged == (detection.anomaly_index > 2)
 
 
 def test_convnext_bdk_bound(backdoored, split):

@@ -6,9 +6,9 @@ Trigger inversion in the style of Neural Cleanse, on the raw pixels of the clean
 image the mask covers; ``beta = 0.2``). The surrogate need not match the real trigger: it only has to
 push features the way the trigger does.
 
-Detection runs the inversion for every class; a backdoor target needs a much smaller mask than the
-others, so its mask norm is a low outlier (median-absolute-deviation anomaly index > 2). Measured
-detection is the weak link: the index and the whole ranking are reported, and ``--target`` confirms.
+Detection (``engine/detection.py``) screens every class jointly, inverts only the leaders with
+:func:`invert_trigger`, and scores the mask sizes as outliers; a backdoor target needs a much smaller mask
+than the others.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..errors import DataError
 from ..progress import StageCounter
 from ..triggers import DeltaTrigger, MaskTrigger
 
-__all__ = ["Inversion", "FullImageEvidence", "TargetDetection", "invert_trigger", "detect_target", "anomaly_indices", "frozen",
+__all__ = ["Inversion", "FullImageEvidence", "TargetDetection", "invert_trigger", "anomaly_indices", "frozen",
            "other_class_images"]
 
 
@@ -143,20 +143,3 @@ def anomaly_indices(norms: np.ndarray) -> np.ndarray:
     mad = 1.4826 * np.median(np.abs(norms - median))
     index = (median - norms) / max(mad, 1e-12)
     return np.where(norms < median, index, 0.0)
-
-
-def detect_target(model: torch.nn.Module, data: ImageSet, *, steps: int = DEFAULT_INVERSION_STEPS, seed: int = 0,
-                  classes: list[int] | None = None, eval_batch_size: int = 256,
-                  progress: StageCounter | None = None) -> TargetDetection:
-    """Invert a trigger for every class and pick the class with the smallest successful mask."""
-    candidates = classes if classes is not None else list(range(data.num_classes))
-    inversions = {t: invert_trigger(model, data, t, steps=steps, seed=seed, eval_batch_size=eval_batch_size,
-                                    progress=progress) for t in candidates}
-    # A mask that does not reach the target is no evidence of a shortcut: count it as full size.
-    norms = np.array([inv.mask_l1 if inv.success >= 0.5 else float(data.images[0, ..., 0].size)
-                      for inv in inversions.values()])
-    index = anomaly_indices(norms)
-    order = np.argsort(norms)
-    ranking = [(candidates[i], float(norms[i]), float(index[i])) for i in order]
-    best = int(order[0])
-    return TargetDetection(candidates[best], float(index[best]), bool(index[best] > 2.0), ranking, inversions)
