@@ -149,7 +149,7 @@ def _write(out: Path, runs: list[dict], machine: dict) -> None:
     (out / "scale.json").write_text(json.dumps({"environment": machine, "runs": runs}, indent=1) + "\n")
     header = ["arch", "params (M)", "px", "classes", "img/class", "trigger", "copies", "threads", "load at start",
               "floor images", "floor s", "ms/image", "inversion s", "CV capture s", "CV trials s", "final capture s",
-              "solve s", "total s", "edit/floor", "total/floor", "peak MiB", "reference total/floor", "layers"]
+              "solve s", "total s", "edit/floor", "total/floor", "peak MiB", "reference total/floor", "layers", "note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         s = r["stages_s"]
@@ -158,7 +158,7 @@ def _write(out: Path, runs: list[dict], machine: dict) -> None:
             r.get("copies", ""), r.get("threads", ""), r.get("load_average_at_start", ""), r["floor_images"],
             r["floor_s"], r["per_image_ms"], s.get("inversion", ""), s["selection_capture"], s["selection_trials"],
             s["capture"], s["solve"], r["total_s"], r["edit_over_floor"], r["total_over_floor"], r["peak_mb"],
-            r.get("reference_total_over_floor", ""), ", ".join(r["layers"]))) + " |")
+            r.get("reference_total_over_floor", ""), ", ".join(r["layers"]), r.get("note", ""))) + " |")
     intro = (f"Machine: {json.dumps(machine)}\n\nThe load average (1, 5, 15 min) is recorded when the sweep "
              f"started and before each run ({machine['cpu_count']} cores): a load above the core count means other "
              "jobs shared the machine and the seconds are inflated; the ratios to the forward-pass floor, measured in "
