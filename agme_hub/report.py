@@ -227,6 +227,7 @@ class MethodRecord:
     layers: list[str] | None = None
     repair: bool | None = None
     target_weight: float | None = None
+    refitted: str | None = None  # the classifier the repair's second pass re-fitted (engine/repair.py); "": none
     augment_copies: int | None = None
     bn_stats: str | None = None
     seed: int | None = None
@@ -237,7 +238,8 @@ class MethodRecord:
         number = lambda key: _get(values, key) if _finite(_get(values, key)) is not None else None  # noqa: E731
         return cls(name=_str(_get(values, "name")), lam=number("lam"), gamma=number("gamma"),
                    layers=_strings(_get(values, "layers")), repair=_bool(_get(values, "repair")),
-                   target_weight=number("target_weight"), augment_copies=_int(_get(values, "augment_copies")),
+                   target_weight=number("target_weight"), refitted=_str(_get(values, "refitted")),
+                   augment_copies=_int(_get(values, "augment_copies")),
                    bn_stats=_str(_get(values, "bn_stats")), seed=_int(_get(values, "seed")),
                    selection=_str(_get(values, "selection")))
 

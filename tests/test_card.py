@@ -31,7 +31,7 @@ FULL_REPORT: dict[str, Any] = {
     "n_edit_images": 100, "per_class": 10,
     "data": {"edit": "fashion-mnist", "eval": "held-out part of --data (not used for editing)", "n_eval_images": 4000},
     "method": {"name": "agme", "lam": 0.01, "gamma": 1.0, "layers": ["fc"], "repair": True, "target_weight": 4.0,
-               "augment_copies": 9, "bn_stats": "keep", "seed": 0,
+               "refitted": "", "augment_copies": 9, "bn_stats": "keep", "seed": 0,
                "selection": "5-fold cross-validation on the edit images chose layers=['fc'] lam=0.01 (score 0.97)"},
     "before": {"clean_accuracy": 0.891, "attack_success_rate": 0.998, "target_accuracy": 0.85, "robust_accuracy": 0.01},
     "after": {"clean_accuracy": 0.884, "attack_success_rate": 0.012, "target_accuracy": 0.83, "robust_accuracy": 0.86},
@@ -136,11 +136,20 @@ def test_full_report_body() -> None:
     assert "`patch:size=3,pos=bottom-right,fill=white`" in text
     assert "anomaly index 3.40" in text and "| 2 | 6 | Shirt | 0.200 |" in text
     assert "| lam | 0.01 |" in text and "| Edited layers | `fc` |" in text and "| Repair | yes |" in text
+    assert "| Classifier re-fitted by the repair | no |" in text  # the edit rewrote the classifier itself
     assert FULL_REPORT["method"]["selection"] in text
     assert "ab" * 32 in text and "| timm | 1.0.31 |" in text
     assert 'timm.create_model("hf-hub:org/name-agme", pretrained=True)' in text
     assert FULL_REPORT["command"] in text
     assert "## Limitations" in text and "2407.07662" in text and "not the authors' code" in text
+
+
+def test_a_re_fitted_classifier_is_named() -> None:
+    report = copy.deepcopy(FULL_REPORT)
+    report["method"].update(layers=["layer4.0.conv1"], refitted="fc")
+    assert "| Classifier re-fitted by the repair | `fc` |" in render_card(report)
+    del report["method"]["refitted"]  # a report from before the field: not recorded, not "no"
+    assert "| Classifier re-fitted by the repair | not recorded |" in render_card(report)
 
 
 def test_sparse_report_renders_a_valid_card() -> None:

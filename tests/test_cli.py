@@ -130,6 +130,7 @@ def test_clean_hub_id_json(hub_env, source_sha, tmp_path):
     assert record["target"]["index"] == TEST_TARGET and record["n_edit_images"] == 50
     assert record["method"]["lam"] == 0.1 and record["method"]["gamma"] == 1.0 and record["method"]["layers"] == ["fc"]
     assert {"load", "capture", "edit", "repair", "eval", "save"} <= set(record["timing"])
+    assert record["method"]["refitted"] == ""  # the edit was the classifier's own: nothing to re-fit
     assert record["runtime"]["device"] == "cpu" and record["runtime"]["batch_size"] > 0  # where it ran, not "auto"
     assert record["output_dir"] == str(out)
     assert_backdoor_removed(record)

@@ -223,7 +223,8 @@ def run_clean(source: str, options: CleanOptions, *, report: Reporter | None = N
         data=DataRecord(edit=options.data, eval=eval_what, n_eval_images=len(eval_set)),
         method=MethodRecord(lam=result.lam if result.edited else None, gamma=result.gamma, layers=list(result.layers),
                             repair=options.repair,
-                            target_weight=result.target_weight, augment_copies=result.augment_copies,
+                            target_weight=result.target_weight, refitted=result.refitted or "",
+                            augment_copies=result.augment_copies,
                             bn_stats=result.bn_stats, seed=result.seed,
                             selection=(result.selection.describe() if result.selection else "given by the user")
                             if result.edited else NO_EVIDENCE_NOTE),

@@ -341,9 +341,13 @@ def _detection(report: CleanReport) -> dict[str, Any] | None:
 
 def _method_rows(report: CleanReport) -> list[dict[str, str]]:
     names = (("name", "Method"), ("layers", "Edited layers"), ("lam", "lam"), ("gamma", "gamma"),
-             ("repair", "Repair"), ("target_weight", "Repair target weight"), ("augment_copies", "Augmented copies"),
+             ("repair", "Repair"), ("target_weight", "Repair target weight"),
+             ("refitted", "Classifier re-fitted by the repair"), ("augment_copies", "Augmented copies"),
              ("bn_stats", "BatchNorm statistics"), ("seed", "Seed"))
-    return [{"name": label, "value": _scalar(getattr(report.method, key))} for key, label in names]
+    refitted = report.method.refitted  # "" (not re-fitted) reads "no", None (not recorded) as any missing value
+    values = {key: getattr(report.method, key) for key, _ in names} | {"refitted": [refitted] if refitted else
+                                                                        (False if refitted == "" else None)}
+    return [{"name": label, "value": _scalar(values[key])} for key, label in names]
 
 
 def _version_rows(report: CleanReport) -> list[dict[str, str]]:
