@@ -50,7 +50,9 @@ def test_edit_mechanics(arch, cifar, tmp_path):
     after = result.model.state_dict()
     assert list(after) == list(before) and all(after[k].shape == before[k].shape for k in before)
     changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}
-    assert changed and changed <= set(result.layers), (changed, result.layers)
+    # the edited layers, and the classifier when the repair re-fitted it (an edit upstream of it)
+    assert changed and changed <= set(result.layers) | {result.refitted}, (changed, result.layers, result.refitted)
+    assert result.refitted is None or result.refitted not in result.layers
     if lam is None:
         assert result.selection is not None and result.layers == result.selection.layers
     # the saved folder reloads in timm with identical outputs
