@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -131,8 +132,13 @@ class capture_activations(AbstractContextManager, OrderedDict):  # noqa: N801 - 
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model once; a StopForward ends the pass early and returns None."""
+        return self.call(self._model, *args, **kwargs)
+
+    def call(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One pass through ``forward``, the model or something that runs it (a replay from a boundary, a
+        batch runner); a StopForward ends the pass early and returns None."""
         self.reset()
         try:
-            return self._model(*args, **kwargs)
+            return forward(*args, **kwargs)
         except StopForward:
             return None

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -114,6 +116,38 @@ def _adam_rows(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.T
     param[rows] -= lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
 
 
+class _Scored(NamedTuple):
+    logits: torch.Tensor  # (rows * images, classes)
+    wanted: torch.Tensor  # the class each image is pushed toward: its row's
+    keep: torch.Tensor  # 1 for the images that count (of another class than their row's), else 0
+    ce: torch.Tensor  # per row: the mean cross-entropy toward its class over the images that count
+
+
+def _class_chunks(k: int, chunk: int, n: int, images: int, generator: torch.Generator,
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One update of a joint screening: all ``k`` classes in a random order, ``chunk`` per step, each with
+    ``images`` random indices into D. Draws come from the CPU ``generator``: the same on every device."""
+    order = torch.randperm(k, generator=generator)
+    for first in range(0, k, chunk):
+        rows = order[first:first + chunk].to(device)
+        yield rows, torch.randint(0, n, (len(rows), images), generator=generator).to(device)
+
+
+def _toward_classes(model: torch.nn.Module, preprocess: Preprocessor, stamped: torch.Tensor, classes: torch.Tensor,
+                    labels: torch.Tensor) -> _Scored:
+    """Run the stamped images ``(rows, images, c, h, w)`` and score each row toward its class ``classes[row]``.
+
+    Images of the class itself (``labels``, ``(rows, images)``) say nothing about a shortcut to it: they are
+    left out of its loss (and of its success, for the caller).
+    """
+    rows, images = stamped.shape[:2]
+    logits = model(preprocess.from_unit(stamped.flatten(0, 1)))
+    wanted = classes.repeat_interleave(images)
+    keep = (labels.flatten() != wanted).float()
+    ce = (F.cross_entropy(logits, wanted, reduction="none") * keep).view(rows, images).sum(1)
+    return _Scored(logits, wanted, keep, ce / keep.view(rows, images).sum(1).clamp(min=1))
+
+
 def screen_classes(model: torch.nn.Module, data: ImageSet, classes: list[int], *, budget: int,
                    updates: int = DEFAULT_INVERSION_STEPS,
                    min_updates: int = _MIN_UPDATES, min_images: int = _MIN_IMAGES, seed: int = 0,
@@ -145,20 +179,12 @@ def screen_classes(model: torch.nn.Module, data: ImageSet, classes: list[int], *
     passes = 0
     with frozen(model):  # gradients reach the trigger only
         for _ in range(updates):
-            order = torch.randperm(k, generator=generator)
-            for first in range(0, k, chunk):
-                rows = order[first:first + chunk].to(device)
-                idx = torch.randint(0, n, (len(rows), images), generator=generator).to(device)
+            for rows, idx in _class_chunks(k, chunk, n, images, generator, device):
                 m_logit = mask_logit[rows].detach().requires_grad_(True)
                 p_logit = pattern_logit[rows].detach().requires_grad_(True)
                 mask, pattern = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
                 stamped = (1 - mask[:, None]) * x[idx] + mask[:, None] * pattern[:, None]  # (rows, images, c, h, w)
-                logits = model(preprocess.from_unit(stamped.flatten(0, 1)))
-                wanted = targets[rows].repeat_interleave(images)
-                # images of the class itself say nothing about a shortcut to it: left out of its loss
-                keep = (labels[idx].flatten() != wanted).float()
-                ce = (F.cross_entropy(logits, wanted, reduction="none") * keep).view(len(rows), images).sum(1)
-                ce = ce / keep.view(len(rows), images).sum(1).clamp(min=1)
+                ce = _toward_classes(model, preprocess, stamped, targets[rows], labels[idx]).ce
                 loss = (ce + _BETA * mask.sum(dim=(1, 2, 3)) / (h * w)).sum()  # a sum: each class its own loss
                 grad_m, grad_p = torch.autograd.grad(loss, [m_logit, p_logit])
                 _adam_rows(mask_logit, grad_m, states[0], rows, _LR)
@@ -203,23 +229,17 @@ def screen_full(model: torch.nn.Module, data: ImageSet, classes: list[int], *, b
     passes = 0
     with frozen(model):  # gradients reach the perturbations only
         for update in range(updates):
-            order = torch.randperm(k, generator=generator)
-            for first in range(0, k, chunk):
-                rows = order[first:first + chunk].to(device)
-                idx = torch.randint(0, n, (len(rows), images), generator=generator).to(device)
+            for rows, idx in _class_chunks(k, chunk, n, images, generator, device):
                 p_logit = logit[rows].detach().requires_grad_(True)
                 delta = log_eps[rows].exp().view(-1, 1, 1, 1) * torch.tanh(p_logit)
                 stamped = (x[idx] + delta[:, None]).clamp(0.0, 1.0)  # (rows, images, c, h, w)
-                logits = model(preprocess.from_unit(stamped.flatten(0, 1)))
-                wanted = targets[rows].repeat_interleave(images)
-                # images of the class itself say nothing about a shortcut to it: left out of its loss and success
-                keep = (labels[idx].flatten() != wanted).float()
-                count = keep.view(len(rows), images).sum(1)
-                ce = (F.cross_entropy(logits, wanted, reduction="none") * keep).view(len(rows), images).sum(1)
-                (grad,) = torch.autograd.grad((ce / count.clamp(min=1)).sum(), [p_logit])
+                scored = _toward_classes(model, preprocess, stamped, targets[rows], labels[idx])
+                (grad,) = torch.autograd.grad(scored.ce.sum(), [p_logit])
                 _adam_rows(logit, grad, state, rows, lr)
+                keep = scored.keep.view(len(rows), images)
+                count = keep.sum(1)
                 with torch.no_grad():
-                    hits = ((logits.argmax(1) == wanted).float() * keep).view(len(rows), images).sum(1)
+                    hits = ((scored.logits.argmax(1) == scored.wanted).view(len(rows), images).float() * keep).sum(1)
                     seen = count > 0  # a batch of the class's own images only: no news about its budget
                     share = torch.where(seen, hits / count.clamp(min=1), reached[rows])
                     reached[rows] = _SUCCESS_EMA * reached[rows] + (1 - _SUCCESS_EMA) * share

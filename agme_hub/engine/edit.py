@@ -33,7 +33,7 @@ from ..data import Preprocessor
 from ..devices import model_device, stats_device, synchronize
 from ..progress import StageCounter
 from ..triggers import Trigger
-from .capture import StopForward, capture_activations
+from .capture import capture_activations
 from .layers import EditableLayer, editable_layer, key_block
 
 __all__ = ["GramStats", "PairBatch", "augmented_pairs", "collect_stats", "forget_sum", "solve_edit", "apply_edit",
@@ -251,11 +251,7 @@ def collect_stats(model: torch.nn.Module, layer_names: list[str], pairs: Iterato
     with capture_activations(model, layer_names, stop=True) as trace:
         for batch in pairs:
             n = len(batch.labels)
-            trace.reset()
-            try:
-                run(batch)
-            except StopForward:  # every traced layer has run
-                pass
+            trace.call(run, batch)  # ends once every traced layer has run
             is_target = torch.as_tensor(batch.labels == target) if target is not None else torch.zeros(n, dtype=torch.bool)
             fold_of = folds[batch.source] if folds is not None else np.zeros(n, np.int64)
             for layer in layers:

@@ -20,19 +20,19 @@ the re-fit has the original outputs as its targets, so the ridge only settles th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..data import Preprocessor
 from ..devices import model_device, stats_device
-from .capture import StopForward, capture_activations
+from .capture import capture_activations
 from .edit import PairBatch
 from .layers import editable_layer
+from .select import CachedBoundary
 
 __all__ = ["RefitStats", "collect_refit_stats", "solve_refit"]
 
@@ -49,20 +49,13 @@ class RefitStats:
     ot: torch.Tensor  # original clean keys x edited triggered keys
 
 
-def _until_stopped(run: Callable[[Any], Any], rows: Any) -> None:
-    try:
-        run(rows)
-    except StopForward:  # the traced layer has run
-        pass
-
-
 @torch.inference_mode()
 def collect_refit_stats(edited: torch.nn.Module, original: torch.nn.Module, layer_name: str,
                         pairs: Iterator[PairBatch], preprocess: Preprocessor, *, target: int,
-                        boundary: Any = None) -> RefitStats:
+                        boundary: CachedBoundary | None = None) -> RefitStats:
     """One pass of both models over the pairs: the sums :func:`solve_refit` needs for layer ``layer_name``.
 
-    ``boundary``: a ``select.CachedBoundary`` of these pairs (every augmented copy) before every edited layer;
+    ``boundary``: the cached boundary outputs of these pairs (every augmented copy) before every edited layer;
     both models then run from its outputs. ``None``: both run from the images.
     """
     edited.eval()
@@ -82,8 +75,8 @@ def collect_refit_stats(edited: torch.nn.Module, original: torch.nn.Module, laye
             n = len(batch.labels)
             if boundary is not None:
                 rows = boundary.rows(batch)
-                _until_stopped(run_edited, rows)
-                _until_stopped(run_original, rows[:n])
+                now.call(run_edited, rows)
+                before.call(run_original, rows[:n])
             else:
                 clean = preprocess(batch.clean).to(device)
                 now.run(torch.cat([clean, preprocess(batch.triggered).to(device)]))
