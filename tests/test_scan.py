@@ -159,6 +159,39 @@ def test_screening_spends_its_budget_evenly_over_many_classes():
     assert screening.norms.shape == (100,) and np.isfinite(screening.norms).all()
 
 
+def test_detection_over_a_thousand_classes_stays_within_three_inversions(monkeypatch):
+    """1000 classes: prescreen, both screenings and the two full inversions, counted in image passes, fit in
+    ``screen_share + top_k`` inversions (the prescreen is taken out of the screening's budget)."""
+    import agme_hub.engine.detection as detection
+
+    k, steps, batch = 1000, 40, 64
+    torch.manual_seed(0)
+    model = create_classifier("resnet10t", num_classes=k, in_chans=1, img_size=8, mean=(0.5,), std=(0.25,),
+                              model_args={"channels": [4, 8, 8, 8]}).eval()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(k), 2)
+    data = ImageSet(rng.integers(0, 256, (2 * k, 8, 8, 1), dtype=np.uint8), labels, [str(i) for i in range(k)], "r")
+    passes: dict[str, int] = {}
+
+    def counted(name, count):  # type: ignore[no-untyped-def]
+        real = getattr(detection, name)
+
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            result = real(*args, **kwargs)
+            passes[name] = passes.get(name, 0) + count(result, kwargs)
+            return result
+        monkeypatch.setattr(detection, name, run)
+
+    counted("prescreen", lambda result, kw: kw["steps"] * batch)
+    counted("screen_classes", lambda result, kw: result.image_passes)
+    counted("screen_full", lambda result, kw: result.image_passes)
+    counted("invert_trigger", lambda result, kw: kw["steps"] * kw["batch_size"])
+    found = detect_target_fast(model, data, steps=steps, batch_size=batch)
+    assert set(passes) == {"prescreen", "screen_classes", "screen_full", "invert_trigger"}
+    assert sum(passes.values()) <= 3 * steps * batch
+    assert len(found.ranking) == k
+
+
 def test_scan_report_words_both_kinds_of_evidence():
     """The CLI's table and evidence lines (ScanReport.table, evidence_lines) for a full-image-only suspect."""
     from agme_hub.app.scan import RankedClass, ScanReport, SuspectedTarget

@@ -31,7 +31,8 @@ did not separate from a clean model's (1.2-1.8), while their logs did.
 Cost, in image passes (forward + backward), against one inversion (``steps * batch_size``):
 ``screen_share + top_k`` for up to ``(1 - FULL_SHARE) * screen_share * steps * batch_size / (min_updates *
 min_images)`` classes (the full-image screening takes ``FULL_SHARE`` of the screening's budget, for the
-classes the mask screening ranks first); above that the screening grows linearly.
+classes the mask screening ranks first). Above that, an untargeted prescreen (:func:`prescreen`, half an
+inversion, taken out of the same budget) picks the classes the screenings measure: still ``screen_share + top_k``.
 """
 
 from __future__ import annotations
@@ -378,12 +379,20 @@ def detect_target_fast(model: torch.nn.Module, data: ImageSet, *, steps: int = D
     if len(np.unique(data.labels)) < 2:
         raise DataError("target detection needs clean images of at least two classes")
     budget = int(math.ceil(screen_share * steps * batch_size))
-    full_budget = int(math.ceil(FULL_SHARE * budget)) if full_image else 0
-    budget -= full_budget
+    share = FULL_SHARE if full_image else 0.0
     screened = candidates
+    prescreen_steps = max(1, steps // 2)
+    if len(candidates) > int((1 - share) * budget) // _FLOOR_PASSES:
+        # too many classes for the budget: screen those an untargeted trigger reaches most; the prescreen's
+        # passes come out of the screening's budget, so that many classes cost no more than a few
+        budget = max(budget - prescreen_steps * batch_size, 2 * _FLOOR_PASSES)
+    full_budget = int(math.ceil(share * budget))
+    budget -= full_budget
     most = budget // _FLOOR_PASSES
-    if len(candidates) > most:  # too many classes for the budget: screen those an untargeted trigger reaches most
-        screened = prescreen(model, data, candidates, keep=most, steps=max(1, steps // 2), seed=seed,
+    if len(candidates) > most:
+        if most > _BATCH:  # one image per class and update here: whole steps only, as in the full-image screening
+            most -= most % _BATCH
+        screened = prescreen(model, data, candidates, keep=max(2, most), steps=prescreen_steps, seed=seed,
                              batch_size=batch_size)
     screening = screen_classes(model, data, screened, budget=budget, seed=seed, progress=progress)
     full_size = float(data.images[0, ..., 0].size)

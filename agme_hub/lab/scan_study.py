@@ -7,7 +7,7 @@ quick recipe, target 0: ResNet and ConvNeXt with a white patch, blend, additive 
 ``python -m agme_hub.lab.scan_study`` to print every number it measures::
 
     python -m agme_hub.lab.scan_study accuracy [NAME...]   # one row per model: both indices, verdict, target
-    python -m agme_hub.lab.scan_study cost [K...]          # detection cost against one single-class inversion
+    python -m agme_hub.lab.scan_study cost [--img-size N] [K...]  # detection cost against one inversion
     python -m agme_hub.lab.scan_study indices [NAME...]    # both screenings' leaders: MAD index and log-Grubbs index
 
 ``DEVELOPMENT`` are the models the detection was designed on; the others were added to measure it after its
@@ -195,9 +195,15 @@ def main(argv: list[str]) -> None:
         _accuracy(args or list(STUDY_MODELS), seeds)
     elif what == "indices":
         _indices(argv[1:] or list(DEVELOPMENT))
-    elif what == "cost":
-        for k in [int(a) for a in argv[1:]] or [10, 100, 1000]:
-            print(detection_cost(k), flush=True)
+    elif what == "cost":  # cost [--img-size N] K...
+        args = argv[1:]
+        size = 16
+        if "--img-size" in args:
+            at = args.index("--img-size")
+            size = int(args[at + 1])
+            args = args[:at] + args[at + 2:]
+        for k in [int(a) for a in args] or [10, 100, 1000]:
+            print({**detection_cost(k, img_size=size), "img_size": size}, flush=True)
     else:
         raise SystemExit(f"unknown study {what!r}: accuracy, indices or cost")
 
