@@ -531,7 +531,7 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="The small grid: under 10 minutes on 2 CPU cores, training included.")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (0..N-1).")] = None,
     datasets: Annotated[Optional[list[str]], typer.Option("--datasets", help="Override: fashion-mnist, mnist (repeat).")] = None,
-    archs: Annotated[Optional[list[str]], typer.Option("--archs", help="Override: resnet10t, convnext, mobilenetv3, lite0-pretrained (repeat).")] = None,
+    archs: Annotated[Optional[list[str]], typer.Option("--archs", help="Override: resnet10t, convnext, mobilenetv3, efficientnet, vit, lite0-pretrained (repeat).")] = None,
     triggers: Annotated[Optional[list[str]], typer.Option("--triggers", help="Override: preset names, blend, image, additive, lsb, sig, warp or specs (repeat).")] = None,
     budgets: Annotated[Optional[list[int]], typer.Option("--budgets", help="Override: clean images per class (repeat).")] = None,
     defences: Annotated[Optional[list[str]], typer.Option("--defences", help="Override: agme-bdk, agme-nobdk, ..., ft, fp, clp, nc, ftsam (repeat).")] = None,

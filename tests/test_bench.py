@@ -51,6 +51,11 @@ def test_tiny_grid_writes_every_output(tiny_run):
     assert record["backdoors"][0]["backdoor_asr"] is not None
     text = (out / "table.md").read_text()
     assert "## Headline" in text and "`agme-bdk`" in text and "pytest tiny grid" in text
+    # natural confusion: the backdoored model's clean non-target images sent to the target, the bars' floor
+    confusion = record["backdoors"][0]["backdoor_confusion"]
+    assert 0.0 <= confusion <= 1.0 and all(r["backdoor_confusion"] == confusion for r in rows)
+    bars = text.split("## AGME against the issues' bars")[1].split("##")[0]
+    assert "cells ASR <= natural + 2 pt" in bars and "`agme-bdk`" in bars and "`agme-nobdk`" in bars
 
 
 def test_rows_hold_metrics_times_memory_and_ratios(tiny_run):

@@ -44,6 +44,11 @@ def table_markdown(rows: list[dict[str, Any]], *, config: BenchConfig | None, ba
         "the same among defences not given the trigger.", "",
         "## AGME against the best baseline, cell by cell", "",
         *_win_loss_markdown(rows), "",
+        "## AGME against the issues' bars (per arch and budget; cells whose backdoor took)", "",
+        "A cell meets the forgetting bar when its ASR is at most the backdoored model's natural confusion (clean "
+        "non-target held-out images it already sends to the target) + 2 pt. TA change: against the backdoored "
+        "model.", "",
+        *_bars_markdown(rows), "",
         "## By budget (mean over triggers and seeds)", "",
         *_per_budget_markdown(rows), "",
         "## Time: AGME's edit against the forward-pass floor", "",
@@ -82,6 +87,33 @@ def _timing_markdown(rows: list[dict[str, Any]]) -> list[str]:
     header = ["dataset", "arch", "img/class", "defence", "floor images", "floor s", "edit s (capture+solve)",
               "solve s", "edit / floor", "selection (CV) s", "inversion s", "total s", "total / floor"]
     return markdown_table(header, body)
+
+
+def _bars_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Per arch, budget and AGME variant: mean CA / TA change, ASR against natural confusion, worst cells."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("backdoor_ok") and r["defence"].startswith("agme"):
+            groups.setdefault((r["arch"], r["per_class"], r["defence"]), []).append(r)
+    if len({arch for arch, _, _ in groups}) > 1:  # and over every arch
+        for (_, per_class, defence), members in list(groups.items()):
+            groups.setdefault(("(all)", per_class, defence), []).extend(members)
+    order = list(DEFENCES)
+    body = []
+    for (arch, per_class, defence), members in sorted(groups.items(), key=lambda kv: (kv[0][0] == "(all)", kv[0][0],
+                                                                                     kv[0][1], order.index(kv[0][2]))):
+        ca = [r["ca"] - r["backdoor_ca"] for r in members]
+        ta = [r["ta"] - r["backdoor_ta"] for r in members if r.get("ta") is not None]
+        known = [r for r in members if r.get("backdoor_confusion") is not None]
+        met = sum(r["asr"] <= r["backdoor_confusion"] + 0.02 for r in known)
+        body.append([arch, str(per_class), f"`{defence}`", str(len(members)), f"{100 * statistics.mean(ca):+.1f}",
+                     pct(statistics.mean(r["asr"] for r in members)),
+                     pct(statistics.mean(r["backdoor_confusion"] for r in known)) if known else "-",
+                     f"{met} of {len(known)}" if known else "-", pct(max(r["asr"] for r in members)),
+                     f"{100 * statistics.mean(ta):+.1f}" if ta else "-", f"{100 * min(ta):+.1f}" if ta else "-"])
+    return markdown_table(["arch", "img/class", "defence", "cells", "CA change (pt)", "mean ASR %",
+                           "mean natural confusion %", "cells ASR <= natural + 2 pt", "max ASR %",
+                           "TA change (pt)", "worst TA change (pt)"], body)
 
 
 def _per_budget_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -149,10 +181,10 @@ def _layers_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 def _backdoor_markdown(backdoors: list[dict[str, Any]]) -> list[str]:
     body = [[b["dataset"], b["arch"], b["trigger"], str(b["seed"]), pct(b["backdoor_ca"]), pct(b["backdoor_asr"]),
-             pct(b["backdoor_ta"]), "yes" if b["backdoor_ok"] else "**no**", secs(b.get("train_seconds"))]
-            for b in backdoors]
-    return markdown_table(["dataset", "arch", "trigger", "seed", "CA %", "ASR %", "TA %", "backdoor took",
-                            "train s"], body)
+             pct(b["backdoor_ta"]), pct(b.get("backdoor_confusion")), "yes" if b["backdoor_ok"] else "**no**",
+             secs(b.get("train_seconds"))] for b in backdoors]
+    return markdown_table(["dataset", "arch", "trigger", "seed", "CA %", "ASR %", "TA %", "natural confusion %",
+                           "backdoor took", "train s"], body)
 
 
 def _win_loss_markdown(rows: list[dict[str, Any]]) -> list[str]:

@@ -24,8 +24,8 @@ __all__ = ["CSV_COLUMNS", "write_outputs", "report_partial", "backdoor_from_row"
 CSV_COLUMNS = [
     "dataset", "arch", "timm_arch", "family", "trigger", "seed", "per_class", "n_edit", "n_eval", "target",
     "defence", "knowledge", "repair", "status", "reason", "backdoor_ok", "backdoor_ca", "backdoor_asr", "backdoor_ta",
-    "backdoor_ra", "ca", "asr", "ta", "ra", "der", "seconds", "peak_rss_mb", "memory_method", "floor_seconds",
-    "floor_images", "agme_edit_seconds", "agme_capture_seconds", "agme_solve_seconds", "agme_selection_seconds",
+    "backdoor_ra", "backdoor_confusion", "ca", "asr", "ta", "ra", "der", "seconds", "peak_rss_mb", "memory_method",
+    "floor_seconds", "floor_images", "agme_edit_seconds", "agme_capture_seconds", "agme_solve_seconds", "agme_selection_seconds",
     "agme_inversion_seconds", "edit_over_floor", "total_over_floor", "time_vs_agme_bdk", "time_vs_agme_nobdk",
     "layers", "lam", "train_seconds", "trigger_spec", "hparams",
 ]
@@ -69,7 +69,8 @@ def report_partial(out_dir: str | os.PathLike[str], *, command: str | None = Non
 
 def backdoor_from_row(row: dict[str, Any]) -> dict[str, Any]:
     keys = ("dataset", "arch", "timm_arch", "family", "trigger", "trigger_spec", "seed", "backdoor_ca", "backdoor_asr",
-            "backdoor_ta", "backdoor_ra", "backdoor_ok", "train_seconds", "n_train_per_class", "poison_rate")
+            "backdoor_ta", "backdoor_ra", "backdoor_confusion", "backdoor_ok", "train_seconds", "n_train_per_class",
+            "poison_rate")
     return {k: row.get(k) for k in keys}
 
 
