@@ -24,20 +24,13 @@ import torch
 from agme_hub.constants import cache_dir
 from agme_hub.data import balanced_indices, load_images, split_edit_eval
 from agme_hub.engine.clean import clean, evaluate
-from agme_hub.engine.metrics import predict
+from agme_hub.engine.metrics import natural_confusion
 from agme_hub.data import Preprocessor
 from agme_hub.lab.bench.grid import BenchConfig
 from agme_hub.lab.bench.models import backdoored_model, resolve_trigger
 
 VARIANTS = {"patch": {"surrogates": ("patch",)}, "full": {"surrogates": ("full",)},
             "patch+full": {"surrogates": ("patch", "full")}, "bdk": {}}
-
-
-def natural_confusion(model: torch.nn.Module, evalset, target: int) -> float:
-    """Clean held-out non-target images the model already sends to the target."""
-    preds = predict(model, evalset.images, Preprocessor.from_model(model))
-    others = evalset.labels != target
-    return float((preds[others] == target).mean())
 
 
 def main() -> None:
@@ -70,7 +63,7 @@ def main() -> None:
                 print(arch, trigger_name, "ready", flush=True)
                 continue
             before = evaluate(model, evalset, spec, config.target)
-            natural = natural_confusion(model, evalset, config.target)
+            natural = natural_confusion(model, evalset, Preprocessor.from_model(model), config.target)
             for variant in args.variants.split(","):
                 if (arch, trigger_name, variant) in done:
                     continue

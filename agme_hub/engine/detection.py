@@ -380,16 +380,19 @@ def detect_target_fast(model: torch.nn.Module, data: ImageSet, *, steps: int = D
         raise DataError("target detection needs clean images of at least two classes")
     budget = int(math.ceil(screen_share * steps * batch_size))
     share = FULL_SHARE if full_image else 0.0
+
+    def mask_budget(total: int) -> int:  # the mask screening's part; the full-image screening has the rest
+        return total - int(math.ceil(share * total))
+
     screened = candidates
     prescreen_steps = max(1, steps // 2)
-    if len(candidates) > int((1 - share) * budget) // _FLOOR_PASSES:
-        # too many classes for the budget: screen those an untargeted trigger reaches most; the prescreen's
-        # passes come out of the screening's budget, so that many classes cost no more than a few
+    too_many = len(candidates) > mask_budget(budget) // _FLOOR_PASSES
+    if too_many:  # the prescreen's passes come out of the screening's budget: many classes cost no more than a few
         budget = max(budget - prescreen_steps * batch_size, 2 * _FLOOR_PASSES)
-    full_budget = int(math.ceil(share * budget))
+    full_budget = budget - mask_budget(budget)
     budget -= full_budget
-    most = budget // _FLOOR_PASSES
-    if len(candidates) > most:
+    if too_many:  # screen the classes an untargeted trigger reaches most, as many as the floor per class allows
+        most = budget // _FLOOR_PASSES
         if most > _BATCH:  # one image per class and update here: whole steps only, as in the full-image screening
             most -= most % _BATCH
         screened = prescreen(model, data, candidates, keep=max(2, most), steps=prescreen_steps, seed=seed,

@@ -16,7 +16,7 @@ from ..devices import model_device
 from ..progress import StageCounter
 from ..triggers import Trigger
 
-__all__ = ["Metrics", "predict", "measure", "measured_images", "defense_effectiveness_rating"]
+__all__ = ["Metrics", "predict", "measure", "measured_images", "natural_confusion", "defense_effectiveness_rating"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,16 @@ def measure(model: torch.nn.Module, data: ImageSet, preprocess: Preprocessor, *,
             ra = float((trig_pred == labels[keep]).mean())
             asr = float((trig_pred == target).mean()) if target is not None else None
     return Metrics(float(correct.mean()), asr, target_acc, ra, per_class, len(labels), n_triggered)
+
+
+def natural_confusion(model: torch.nn.Module, data: ImageSet, preprocess: Preprocessor, target: int, *,
+                      batch_size: int = 256) -> float:
+    """The share of clean images of other classes that the model already sends to ``target``, with no trigger:
+    the floor a cleaned model's ASR is measured against (0 when ``data`` holds the target class only)."""
+    others = data.labels != target
+    if not others.any():
+        return 0.0
+    return float((predict(model, data.images[others], preprocess, batch_size=batch_size) == target).mean())
 
 
 def defense_effectiveness_rating(before: Metrics, after: Metrics) -> float | None:

@@ -30,6 +30,7 @@ from ..constants import cache_dir
 from ..data import ImageSet, balanced_indices, load_images
 from ..engine.detection import FULL_SHARE, detect_target_fast, outlier_scores, screen_classes, screen_full
 from ..engine.inversion import anomaly_indices, invert_trigger
+from ..errors import UsageError
 from ..hub.checkpoint import load_model
 from .backdoor import BackdoorConfig, cached_backdoored, create_classifier
 from .bench.grid import BenchConfig, arch_spec
@@ -183,30 +184,42 @@ def _indices(names: list[str], steps: int = 200, batch_size: int = 64) -> None:
               flush=True)
 
 
+def _option(args: list[str], name: str, default: str) -> tuple[str, list[str]]:
+    """The value of ``name VALUE`` in ``args`` (``default`` when absent), and the other arguments."""
+    if name not in args:
+        return default, args
+    at = args.index(name)
+    if at + 1 >= len(args):
+        raise UsageError(f"{name} needs a value")
+    return args[at + 1], args[:at] + args[at + 2:]
+
+
+def _ints(values: list[str], what: str) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise UsageError(f"{what} must be whole numbers, not {' '.join(values)!r}") from None
+
+
 def main(argv: list[str]) -> None:
     what = argv[0] if argv else "accuracy"
     if what == "accuracy":  # --seeds 0,1: scan each model with these draws of D
-        args = argv[1:]
-        seeds = [0]
-        if "--seeds" in args:
-            at = args.index("--seeds")
-            seeds = [int(v) for v in args[at + 1].split(",")]
-            args = args[:at] + args[at + 2:]
-        _accuracy(args or list(STUDY_MODELS), seeds)
+        seeds, args = _option(argv[1:], "--seeds", "0")
+        _accuracy(args or list(STUDY_MODELS), _ints(seeds.split(","), "--seeds"))
     elif what == "indices":
         _indices(argv[1:] or list(DEVELOPMENT))
     elif what == "cost":  # cost [--img-size N] K...
-        args = argv[1:]
-        size = 16
-        if "--img-size" in args:
-            at = args.index("--img-size")
-            size = int(args[at + 1])
-            args = args[:at] + args[at + 2:]
-        for k in [int(a) for a in args] or [10, 100, 1000]:
-            print({**detection_cost(k, img_size=size), "img_size": size}, flush=True)
+        size, args = _option(argv[1:], "--img-size", "16")
+        (px,) = _ints([size], "--img-size")
+        for k in _ints(args, "class counts") or [10, 100, 1000]:
+            print({**detection_cost(k, img_size=px), "img_size": px}, flush=True)
     else:
-        raise SystemExit(f"unknown study {what!r}: accuracy, indices or cost")
+        raise UsageError(f"unknown study {what!r}: accuracy, indices or cost")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except UsageError as err:  # one line and its exit code, as the CLI does
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None

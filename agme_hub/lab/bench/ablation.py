@@ -25,7 +25,7 @@ import torch
 from ...constants import DEFAULT_GAMMA, DEFAULT_LAM_GRID, cache_dir
 from ...data import Preprocessor, balanced_indices, load_images, split_edit_eval
 from ...engine.clean import clean, evaluate, inspect_layers
-from ...engine.metrics import predict
+from ...engine.metrics import natural_confusion
 from ...errors import UsageError
 from ...options import MethodOptions
 from ...report import write_text_atomic
@@ -101,8 +101,7 @@ def run_ablation(config: AblationConfig, out_dir: str | os.PathLike[str], *, com
         before = evaluate(model, evalset, spec, target)
         groups = inspect_layers(model).groups
         layers = groups.get(config.group) or groups["classifier"]
-        others = evalset.images[evalset.labels != target]
-        confusion = float((predict(model, others, Preprocessor.from_model(model)) == target).mean()) if len(others) else 0.0
+        confusion = natural_confusion(model, evalset, Preprocessor.from_model(model), target)
         rows: list[dict[str, Any]] = []
         for mode in config.bn_stats:
             for sweep, lam, gamma in _points(config):

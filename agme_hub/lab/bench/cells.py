@@ -18,7 +18,7 @@ import torch
 from ...constants import cache_dir
 from ...data import ImageSet, Preprocessor, balanced_indices, load_images, split_edit_eval
 from ...engine.clean import clean, evaluate
-from ...engine.metrics import Metrics, defense_effectiveness_rating, predict
+from ...engine.metrics import Metrics, defense_effectiveness_rating, natural_confusion
 from ...options import MethodOptions
 from ...triggers import parse_trigger
 from ..baselines import run_baseline
@@ -190,10 +190,7 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str], on_row: Call
                                                        shape)
                         before = evaluate(model, evalset, trigger_spec, config.target)
                         asr = before.attack_success_rate or 0.0
-                        # what the model sends to the target without any trigger: the floor a cleaned ASR meets
-                        others = evalset.subset(np.flatnonzero(evalset.labels != config.target))
-                        confusion = float((predict(model, others.images, Preprocessor.from_model(model))
-                                           == config.target).mean())
+                        confusion = natural_confusion(model, evalset, Preprocessor.from_model(model), config.target)
                         backdoor = {"dataset": dataset, "arch": arch, "timm_arch": arch_spec(arch).timm_name,
                                     "family": arch_spec(arch).family, "trigger": trigger_name,
                                     "trigger_spec": trigger_spec, "seed": seed, **_metrics_row("backdoor_", before),

@@ -25,8 +25,8 @@ CSV_COLUMNS = [
     "dataset", "arch", "timm_arch", "family", "trigger", "seed", "per_class", "n_edit", "n_eval", "target",
     "defence", "knowledge", "repair", "status", "reason", "backdoor_ok", "backdoor_ca", "backdoor_asr", "backdoor_ta",
     "backdoor_ra", "backdoor_confusion", "ca", "asr", "ta", "ra", "der", "seconds", "peak_rss_mb", "memory_method",
-    "floor_seconds", "floor_images", "agme_edit_seconds", "agme_capture_seconds", "agme_solve_seconds", "agme_selection_seconds",
-    "agme_inversion_seconds", "edit_over_floor", "total_over_floor", "time_vs_agme_bdk", "time_vs_agme_nobdk",
+    "floor_seconds", "floor_images", "agme_edit_seconds", "agme_capture_seconds", "agme_solve_seconds",
+    "agme_selection_seconds", "agme_inversion_seconds", "edit_over_floor", "total_over_floor", "time_vs_agme_bdk", "time_vs_agme_nobdk",
     "layers", "lam", "train_seconds", "trigger_spec", "hparams",
 ]
 
