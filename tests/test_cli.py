@@ -557,4 +557,5 @@ def test_demo_trains_cleans_and_writes_a_valid_card(tmp_path, monkeypatch):
     monkeypatch.setattr("agme_hub.lab.backdoor.train_backdoored", no_training)
     again = agme("demo", "--out", out, "--per-class", "5")
     ok(again)
-    assert "attack success rate" in again.stderr and f"output: {out}" in again.stderr
+    # rich wraps at the console's width: a long temporary path (pytest-xdist's) may start a line of its own
+    assert "attack success rate" in again.stderr and f"output: {out}" in " ".join(again.stderr.split())

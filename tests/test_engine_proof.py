@@ -54,17 +54,23 @@ def test_no_bdk_with_target_given(backdoored, no_bdk_cleaned, split):
 
 
 def test_convnext_bdk_bound(backdoored, split):
-    """No BatchNorm, a residual stream: cross-validation picks the entry of the last stage, and it passes."""
+    """No BatchNorm, a residual stream: the cross-validation's choice passes, and so does the entry of the last stage.
+
+    The two groups score within one held-out image of each other here, so which one the folds prefer is not
+    the claim (it moved to the classifier when the trials began to include the classifier's re-fit).
+    """
     trigger = "blend:alpha=0.15"
     model = backdoored(trigger, arch="convnext_atto").model
     edit, held = split
-    result = clean(model, edit, trigger=trigger, target=TEST_TARGET, seed=0, gamma=3.0)
-    before, after = _before_after(model, result, held, trigger)
-    assert before.attack_success_rate > 0.9
-    assert result.layers == ["stages.3.downsample.1"]
-    assert after.attack_success_rate < 0.03
-    assert before.clean_accuracy - after.clean_accuracy < 0.015
-    assert before.target_accuracy - after.target_accuracy < 0.05
+    chosen = clean(model, edit, trigger=trigger, target=TEST_TARGET, seed=0, gamma=3.0)
+    entry = clean(model, edit, trigger=trigger, target=TEST_TARGET, seed=0, gamma=3.0,
+                  layers=["stages.3.downsample.1"], lam=chosen.lam)
+    for result in (chosen, entry):
+        before, after = _before_after(model, result, held, trigger)
+        assert before.attack_success_rate > 0.9
+        assert after.attack_success_rate < 0.03, (result.layers, result.lam, after)
+        assert before.clean_accuracy - after.clean_accuracy < 0.015, (result.layers, after)
+        assert before.target_accuracy - after.target_accuracy < 0.05, (result.layers, after)
 
 
 def test_clean_model_keeps_its_accuracy(backdoored, split):

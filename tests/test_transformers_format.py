@@ -142,6 +142,23 @@ def test_output_reloads_with_identical_logits_and_runs_in_a_pipeline(hf_backdoor
     assert np.mean([a == b for a, b in zip(top, ours)]) >= 0.9, (top, ours)
 
 
+def test_cross_validation_scores_the_model_that_ships(hf_backdoored, fmnist_test):
+    """On a ViT the last block's entry edit alone keeps the backdoor (the residual stream carries the trigger past
+    it) and the classifier's re-fit that follows it removes it: the folds must score the two together."""
+    model = hf_backdoored("vit").model
+    edit, held = split_edit_eval(fmnist_test, 10, seed=0, eval_per_class=30)
+    chosen = agme_hub.clean(model, edit, trigger=TRIGGER, target=TEST_TARGET, augment_copies=2)
+    row = next(r for r in chosen.selection.table if r["group"] == "entry")
+    fixed = dict(trigger=TRIGGER, target=TEST_TARGET, augment_copies=2, layers=chosen.candidates.groups["entry"],
+                 lam=row["lam"])
+    shipped = agme_hub.clean(model, edit, **fixed)
+    alone = agme_hub.clean(model, edit, refit_classifier=False, **fixed)
+    asr = {name: agme_hub.evaluate(r.model, held, TRIGGER, TEST_TARGET).attack_success_rate
+           for name, r in (("shipped", shipped), ("alone", alone))}
+    assert asr["alone"] > 0.5 and asr["shipped"] < 0.1, asr  # the re-fit does the forgetting here
+    assert abs(row["asr"] - asr["shipped"]) < 0.1, (row, asr)  # the folds saw what ships (before: ~0.98)
+
+
 def test_clean_from_the_hub_push_and_load_back(hf_backdoored, hub_env, tmp_path):
     folder = hf_backdoored("vit").out_dir
     sha = hub_env.server.commit("org/vit-backdoored", {**read_folder(folder), CARD_NAME: b"---\nlicense: mit\n---\n"})

@@ -33,8 +33,8 @@ from .inversion import TargetDetection
 from .layers import Candidates, classifier_name, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, measured_images, predict
 from .repair import collect_refit_stats, solve_refit
-from .replay import reads_from
-from .select import CachedBoundary, Selection, _cross_validate
+from .replay import CachedBoundary, reads_from
+from .select import RefitTrial, Selection, _cross_validate
 from .surrogates import Surrogate, forget_sets, reconstruct_surrogates
 
 __all__ = ["clean", "evaluate", "CleanResult", "Selection", "Timings", "inspect_layers"]
@@ -283,11 +283,16 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
         raise DataError(f"cross-validation needs at least {method.folds} edit images; pass --lam and --layers")
     grid = (method.lam,) if method.lam is not None else method.lam_grid
     start = time.perf_counter()
+    refit = None
+    if method.repair and method.refit_classifier:  # scored in every trial, as _refit_classifier runs it after
+        head = classifier_name(model, preprocess(data.images[:2]).to(model_device(model)))
+        refit = RefitTrial(head=head, trigger=chosen.trigger, lam=method.refit_lam, gamma=method.gamma,
+                           target_weight=weight)
     selection, capture_seconds, captured, boundaries = _cross_validate(
         model, data, chosen.forget, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
-        protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay, batch_size=batch,
-        progress=progress)
+        protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay, refit=refit,
+        batch_size=batch, progress=progress)
     return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
                         candidates=candidates, captured=captured, boundaries=boundaries,
                         seconds=time.perf_counter() - start, capture_seconds=capture_seconds,

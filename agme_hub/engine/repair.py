@@ -32,7 +32,7 @@ from ..devices import model_device, stats_device
 from .capture import capture_activations
 from .edit import PairBatch
 from .layers import editable_layer
-from .select import CachedBoundary
+from .replay import CachedBoundary
 
 __all__ = ["RefitStats", "collect_refit_stats", "solve_refit"]
 

@@ -23,14 +23,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .capture import StopForward, capture_activations, get_module
 from .classifier import logits_of
 
-__all__ = ["Replay", "plan_replay", "reads_from"]
+if TYPE_CHECKING:
+    from .edit import PairBatch
+
+__all__ = ["CachedBoundary", "Replay", "plan_replay", "reads_from"]
 
 # Candidate boundaries verified at most (each costs one forward pass of the sample).
 _MAX_TRIES = 8
@@ -96,6 +99,20 @@ class Replay:
                     del module.forward
                 else:
                     module.forward = own
+
+
+@dataclass(frozen=True)
+class CachedBoundary:
+    """A group's replay plan and its boundary's outputs: per augmented copy (0 = D), one row per image of D."""
+
+    plan: Replay
+    clean: list[torch.Tensor]
+    triggered: list[torch.Tensor]
+
+    def rows(self, batch: PairBatch) -> torch.Tensor:
+        """The boundary outputs of a batch of pairs: its clean rows, then its triggered rows."""
+        index = torch.as_tensor(batch.source)
+        return torch.cat([self.clean[batch.copy][index], self.triggered[batch.copy][index]])
 
 
 @dataclass

@@ -26,9 +26,10 @@ from .classifier import logits_of
 from .edit import GramStats, PairBatch, apply_edit, augmented_pairs, collect_stats, forget_sum
 from .layers import editable_layer
 from .metrics import predict
-from .replay import Replay, plan_replay
+from .repair import collect_refit_stats, solve_refit
+from .replay import CachedBoundary, Replay, plan_replay
 
-__all__ = ["Selection", "CachedBoundary"]
+__all__ = ["Selection", "RefitTrial"]
 
 # The boundary outputs of every augmented copy are also kept (for the final edit's later layers) when they
 # fit in this many bytes; above it only those of D itself (for the cross-validation's predictions).
@@ -36,17 +37,18 @@ KEEP_COPIES_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
-class CachedBoundary:
-    """A group's replay plan and its boundary's outputs: per augmented copy (0 = D), one row per image of D."""
+class RefitTrial:
+    """The repair's second pass (:mod:`.repair`) as the final edit runs it, so that every trial scores it too.
 
-    plan: Replay
-    clean: list[torch.Tensor]
-    triggered: list[torch.Tensor]
+    An edit upstream of ``head`` is followed by the classifier's re-fit; a trial that left it out would score a
+    model the engine never ships (on a ViT the entry edit alone keeps the backdoor, the re-fit removes it).
+    """
 
-    def rows(self, batch: PairBatch) -> torch.Tensor:
-        """The boundary outputs of a batch of pairs: its clean rows, then its triggered rows."""
-        index = torch.as_tensor(batch.source)
-        return torch.cat([self.clean[batch.copy][index], self.triggered[batch.copy][index]])
+    head: str  # the classifier re-fitted after a group that does not contain it
+    trigger: Trigger  # whose pairs the re-fit reads
+    lam: float
+    gamma: float
+    target_weight: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +94,7 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     preprocess: Preprocessor, groups: dict[str, list[str]], lams: tuple[float, ...], *,
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
                     flip: bool, protects: tuple[float | None, ...] = (None,), replay: bool = True,
-                    batch_size: int = 512, progress: ProgressCallback | None = None
+                    refit: RefitTrial | None = None, batch_size: int = 512, progress: ProgressCallback | None = None
                     ) -> tuple[Selection, float, dict[str, GramStats], dict[int, CachedBoundary]]:
     """Leave-one-fold-out over (forget set, group, lam, protect); a fold's statistics are subtracted from the total.
 
@@ -101,7 +103,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     forgot. Also returns the seconds spent capturing, the chosen set's statistics over all of D, which the
     final edit reuses, and for the chosen group the cached boundary outputs of every augmented copy, per
     trigger (``id(trigger)``), when they were kept (see :data:`KEEP_COPIES_BYTES`). ``replay=False`` runs the
-    whole network for every prediction (the reference). ``batch_size``: images per forward pass.
+    whole network for every prediction (the reference). ``refit``: the classifier's re-fit that follows an edit
+    of a group without it, run in each trial on the other folds' pairs. ``batch_size``: images per forward pass.
     """
     fold_of = _stratified_folds(data.labels, folds, seed)
     names = list(dict.fromkeys(n for group in groups.values() for n in group))
@@ -154,6 +157,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     is_target = data.labels == target
     trial = copy.deepcopy(model)
     table = []
+    # the re-fit reads the pairs of its own trigger (one of those captured)
+    refit_probe = next((p for t, p in zip(triggers, probes) if refit is not None and t is refit.trigger), None)
     trials = StageCounter(progress, "selection", len(forget) * len(groups) * len(lams) * len(protects) * folds,
                           "trial edits")
     for forget_name in forget:
@@ -163,6 +168,7 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
             # model once per group is enough (a state_dict copy per fold costs more than a small model's solve).
             trial.load_state_dict(model.state_dict())
             w0 = {n: editable_layer(model, n).weight_matrix() for n in layer_names}
+            refits = refit_probe is not None and refit.head not in layer_names
             for lam, protect in ((lam, protect) for lam in lams for protect in protects):
                 clean_pred = np.empty(len(data), np.int64)
                 probe_pred = np.empty((len(probes), len(data)), np.int64)
@@ -172,6 +178,10 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                         continue
                     apply_edit(trial, {n: totals[forget_name][n] - stats[forget_name][n][fold] for n in layer_names},
                                lam=lam, gamma=gamma, target_weight=target_weight, protect=protect, original=w0)
+                    if refits:
+                        _refit_in_trial(trial, model, refit, data, refit_probe, np.flatnonzero(fold_of != fold),
+                                        target, preprocess, boundary[id(refit.trigger)] if boundary else None,
+                                        max(1, batch_size // 2))
                     if boundary is not None:
                         first = boundary[id(triggers[0])]
                         clean_pred[held] = _predict_replayed(trial, first.plan, first.clean[0][held], batch_size)
@@ -195,6 +205,26 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                           forget=str(best["forget"]))
     chosen = {key: c for key, c in cached.get(selection.group, {}).items() if len(c.clean) == copies + 1}
     return selection, capture_seconds, totals[selection.forget], chosen
+
+
+def _refit_in_trial(trial: torch.nn.Module, model: torch.nn.Module, refit: RefitTrial, data: ImageSet,
+                    probe: np.ndarray, train: np.ndarray, target: int, preprocess: Preprocessor,
+                    boundary: CachedBoundary | None, batch_size: int) -> None:
+    """Re-fit ``trial``'s classifier on the training folds' images of D and their triggered twins ``probe``.
+
+    The final re-fit also reads the augmented copies. A trial reads D alone, from the boundary's outputs where
+    there are some: a few passes of the layers after the boundary per trial, whatever the model's size (over
+    every copy, the trials would cost several times the forward-pass floor on a 224-px network), and the same
+    result with and without replay.
+    """
+    pairs = (PairBatch(data.images[idx], probe[idx], data.labels[idx], idx, 0)
+             for idx in np.array_split(train, -(-len(train) // batch_size)))
+    stats = collect_refit_stats(trial, model, refit.head, pairs, preprocess, target=target, boundary=boundary)
+    original = editable_layer(model, refit.head).weight_matrix()
+    where = stats.cc.device
+    w = solve_refit(original.to(where, torch.float64), original.to(where, torch.float64), stats, lam=refit.lam,
+                    gamma=refit.gamma, target_weight=refit.target_weight)
+    editable_layer(trial, refit.head).set_weight_matrix(w)
 
 
 @torch.inference_mode()
