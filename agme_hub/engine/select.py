@@ -6,6 +6,8 @@ trigger, for every candidate layer in the same pass. Without backdoor knowledge 
 (several sets of them) and the ASR on the held-out fold is that of every surrogate, the same proxy for every
 set. The capture pass also keeps, per group, the output of a boundary module before the group's first layer
 (:mod:`.replay`), so that each fold and setting runs only the part of the network the edit can change.
+A trial is the model the engine ships: after a group upstream of the classifier, the repair's re-fit of the
+classifier (:class:`RefitTrial`) runs too, on the other folds' images of D.
 """
 
 from __future__ import annotations
