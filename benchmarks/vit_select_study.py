@@ -40,18 +40,13 @@ def main(names: list[str]) -> None:
         print("| group | lam | fold CA | fold TA | fold ASR | fold score | held CA | held TA | held ASR | held score |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for row in result.selection.table:
-            layers = result.selection.layers if row["group"] == result.selection.group else None
             fixed = clean(model, edit, trigger=trigger, target=target, lam=row["lam"],
-                          layers=layers or _group_layers(result, row["group"]))
+                          layers=result.candidates.groups[row["group"]])
             m = measure(fixed.model, held, pre, trigger=trigger, target=target)
             score = m.clean_accuracy + 0.5 * m.target_accuracy - 2 * m.attack_success_rate
             print(f"| {row['group']} | {row['lam']:g} | {row['ca']:.1%} | {row['ta']:.1%} | {row['asr']:.1%} | "
                   f"{row['score']:.3f} | {m.clean_accuracy:.1%} | {m.target_accuracy:.1%} | "
                   f"{m.attack_success_rate:.1%} | {score:.3f} |", flush=True)
-
-
-def _group_layers(result, group: str) -> list[str]:
-    return list(result.candidates.groups[group])
 
 
 if __name__ == "__main__":

@@ -52,11 +52,14 @@ class RefitStats:
 @torch.inference_mode()
 def collect_refit_stats(edited: torch.nn.Module, original: torch.nn.Module, layer_name: str,
                         pairs: Iterator[PairBatch], preprocess: Preprocessor, *, target: int,
-                        boundary: CachedBoundary | None = None) -> RefitStats:
+                        boundary: CachedBoundary | None = None,
+                        original_keys: torch.Tensor | None = None) -> RefitStats:
     """One pass of both models over the pairs: the sums :func:`solve_refit` needs for layer ``layer_name``.
 
     ``boundary``: the cached boundary outputs of these pairs (every augmented copy) before every edited layer;
-    both models then run from its outputs. ``None``: both run from the images.
+    both models then run from its outputs. ``None``: both run from the images. ``original_keys``: the original
+    model's keys of every clean image of D, ``(len(D), rows per image, key dim)``, read instead of running
+    ``original`` (pairs of D itself only: the cross-validation's trials re-fit many times on the same images).
     """
     edited.eval()
     original.eval()
@@ -73,17 +76,25 @@ def collect_refit_stats(edited: torch.nn.Module, original: torch.nn.Module, laye
             run_original = stack.enter_context(boundary.plan.installed(original))
         for batch in pairs:
             n = len(batch.labels)
+            known = original_keys is not None
+            if known and batch.copy != 0:
+                raise ValueError("original_keys hold the keys of D itself, not of its augmented copies")
             if boundary is not None:
                 rows = boundary.rows(batch)
                 now.call(run_edited, rows)
-                before.call(run_original, rows[:n])
+                if not known:
+                    before.call(run_original, rows[:n])
             else:
                 clean = preprocess(batch.clean).to(device)
                 now.run(torch.cat([clean, preprocess(batch.triggered).to(device)]))
-                before.run(clean)
+                if not known:
+                    before.run(clean)
             inputs = now[layer_name].input.to(where, torch.float64)
             kc, kt = layer.keys(inputs[:n]), layer.keys(inputs[n:])
-            k0 = layer.keys(before[layer_name].input.to(where, torch.float64))
+            if known:
+                k0 = original_keys[torch.as_tensor(batch.source)].reshape(-1, dim).to(where, torch.float64)
+            else:
+                k0 = layer.keys(before[layer_name].input.to(where, torch.float64))
             rows = torch.as_tensor(np.repeat(batch.labels == target, kc.shape[0] // n), device=where)
             sums.cc += kc.T @ kc
             sums.oc += k0.T @ kc

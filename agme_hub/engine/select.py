@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data import ImageSet, Preprocessor
-from ..devices import model_device
+from ..devices import model_device, stats_device
 from ..progress import ProgressCallback, StageCounter
 from ..triggers import Trigger
 from .capture import capture_activations
@@ -159,8 +159,11 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     is_target = data.labels == target
     trial = copy.deepcopy(model)
     table = []
-    # the re-fit reads the pairs of its own trigger (one of those captured)
+    # the re-fit reads the pairs of its own trigger (one of those captured); the original model's side of its
+    # sums is the same in every trial, so it is computed once
     refit_probe = next((p for t, p in zip(triggers, probes) if refit is not None and t is refit.trigger), None)
+    refit_original = (_original_keys(model, refit.head, data, preprocess, batch_size)
+                      if refit_probe is not None and any(refit.head not in g for g in groups.values()) else None)
     trials = StageCounter(progress, "selection", len(forget) * len(groups) * len(lams) * len(protects) * folds,
                           "trial edits")
     for forget_name in forget:
@@ -181,9 +184,9 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     apply_edit(trial, {n: totals[forget_name][n] - stats[forget_name][n][fold] for n in layer_names},
                                lam=lam, gamma=gamma, target_weight=target_weight, protect=protect, original=w0)
                     if refits:
-                        _refit_in_trial(trial, model, refit, data, refit_probe, np.flatnonzero(fold_of != fold),
-                                        target, preprocess, boundary[id(refit.trigger)] if boundary else None,
-                                        max(1, batch_size // 2))
+                        _refit_in_trial(trial, model, refit, data, refit_probe, refit_original,
+                                        np.flatnonzero(fold_of != fold), target, preprocess,
+                                        boundary[id(refit.trigger)] if boundary else None, max(1, batch_size // 2))
                     if boundary is not None:
                         first = boundary[id(triggers[0])]
                         clean_pred[held] = _predict_replayed(trial, first.plan, first.clean[0][held], batch_size)
@@ -210,23 +213,41 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
 
 
 def _refit_in_trial(trial: torch.nn.Module, model: torch.nn.Module, refit: RefitTrial, data: ImageSet,
-                    probe: np.ndarray, train: np.ndarray, target: int, preprocess: Preprocessor,
-                    boundary: CachedBoundary | None, batch_size: int) -> None:
+                    probe: np.ndarray, original: tuple[torch.Tensor, torch.Tensor], train: np.ndarray, target: int,
+                    preprocess: Preprocessor, boundary: CachedBoundary | None, batch_size: int) -> None:
     """Re-fit ``trial``'s classifier on the training folds' images of D and their triggered twins ``probe``.
 
-    The final re-fit also reads the augmented copies. A trial reads D alone, from the boundary's outputs where
-    there are some: a few passes of the layers after the boundary per trial, whatever the model's size (over
-    every copy, the trials would cost several times the forward-pass floor on a 224-px network), and the same
-    result with and without replay.
+    ``original``: the classifier's weight matrix and its keys of D's clean images in ``model``
+    (:func:`_original_keys`). The final re-fit also reads the augmented copies. A trial reads D alone, from the
+    boundary's outputs where there are some: two passes of the layers after the boundary per trial, whatever
+    the model's size (over every copy, the trials would cost several times the forward-pass floor on a 224-px
+    network), and the same result with and without replay.
     """
+    w0, keys = original
     pairs = (PairBatch(data.images[idx], probe[idx], data.labels[idx], idx, 0)
              for idx in np.array_split(train, -(-len(train) // batch_size)))
-    stats = collect_refit_stats(trial, model, refit.head, pairs, preprocess, target=target, boundary=boundary)
-    original = editable_layer(model, refit.head).weight_matrix()
-    where = stats.cc.device
-    w = solve_refit(original.to(where, torch.float64), original.to(where, torch.float64), stats, lam=refit.lam,
-                    gamma=refit.gamma, target_weight=refit.target_weight)
+    stats = collect_refit_stats(trial, model, refit.head, pairs, preprocess, target=target, boundary=boundary,
+                                original_keys=keys)
+    w = solve_refit(w0, w0, stats, lam=refit.lam, gamma=refit.gamma, target_weight=refit.target_weight)
     editable_layer(trial, refit.head).set_weight_matrix(w)
+
+
+@torch.inference_mode()
+def _original_keys(model: torch.nn.Module, head: str, data: ImageSet, preprocess: Preprocessor,
+                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``head``'s weight matrix and its keys of every clean image of D, ``(len(D), rows per image, key dim)``, in
+    float64 where the statistics accumulate: the original model's side of every trial's re-fit."""
+    model.eval()
+    layer = editable_layer(model, head)
+    where = stats_device(model_device(model))
+    keys = []
+    with capture_activations(model, [head], stop=True) as trace:
+        for start in range(0, len(data), batch_size):
+            images = data.images[start:start + batch_size]
+            trace.run(preprocess(images).to(model_device(model)))
+            keys.append(layer.keys(trace[head].input.to(where, torch.float64)).reshape(len(images), -1,
+                                                                                      layer.key_dim))
+    return layer.weight_matrix().to(where, torch.float64), torch.cat(keys)
 
 
 @torch.inference_mode()
