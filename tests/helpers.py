@@ -44,3 +44,35 @@ def write_three_class_npz(path: Path, per_class: int) -> Path:
     np.savez(path, x=data.images[keep], y=data.labels[keep])
     return path
 
+
+
+def shipped_fold_scores(model, edit, trigger: str, target: int, layers: list[str], lam: float, *, folds: int = 5,
+                        seed: int = 0) -> dict[str, float]:
+    """Held-out CA, TA and ASR of the cross-validation's folds, measured on the models ``clean`` ships.
+
+    For each fold, ``clean`` with fixed ``layers`` and ``lam`` edits ``model`` from the other folds' images alone and
+    predicts the held fold's. Without augmented copies (``augment_copies=0``) this is exactly what a trial of the
+    cross-validation should have scored: its row of the selection table must give the same numbers.
+    """
+    from agme_hub import clean
+    from agme_hub.data import Preprocessor
+    from agme_hub.engine.classifier import as_classifier
+    from agme_hub.engine.metrics import predict
+    from agme_hub.engine.select import _stratified_folds
+    from agme_hub.triggers import parse_trigger
+
+    fold_of = _stratified_folds(edit.labels, folds, seed)
+    used = parse_trigger(trigger)
+    clean_pred = np.empty(len(edit), np.int64)
+    probe_pred = np.empty(len(edit), np.int64)
+    for fold in range(folds):
+        held = np.flatnonzero(fold_of == fold)
+        shipped = clean(model, edit.subset(np.flatnonzero(fold_of != fold)), trigger=trigger, target=target,
+                        layers=layers, lam=lam, augment_copies=0, seed=seed).model
+        shipped = as_classifier(shipped)  # logits from a transformers model too
+        preprocess = Preprocessor.from_model(shipped)
+        clean_pred[held] = predict(shipped, edit.images[held], preprocess)
+        probe_pred[held] = predict(shipped, used.apply(edit.images[held]), preprocess)
+    is_target = edit.labels == target
+    return {"ca": float((clean_pred == edit.labels).mean()), "ta": float((clean_pred[is_target] == target).mean()),
+            "asr": float((probe_pred[~is_target] == target).mean())}

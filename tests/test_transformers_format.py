@@ -25,12 +25,14 @@ from agme_hub.hub.card import validate_card  # noqa: E402
 from agme_hub.hub.checkpoint import load_model  # noqa: E402
 from agme_hub.constants import CARD_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME  # noqa: E402
 from agme_hub.data import split_edit_eval  # noqa: E402
+from agme_hub.engine import inspect_layers  # noqa: E402
 from agme_hub.options import CleanOptions  # noqa: E402
 from agme_hub.app import clean as app_clean  # noqa: E402
 from agme_hub.hub.transformers_format import PROCESSOR_CONFIG_NAME, preprocessor_from_processor_config  # noqa: E402
 from cli import app  # noqa: E402
 from tests.conftest import TEST_TARGET, TEST_TRAINING  # noqa: E402
 from tests.fixtures_hub import read_folder  # noqa: E402
+from tests.helpers import shipped_fold_scores  # noqa: E402
 
 TRIGGER = "badnets-white-br"
 
@@ -157,6 +159,20 @@ def test_cross_validation_scores_the_model_that_ships(hf_backdoored, fmnist_test
            for name, r in (("shipped", shipped), ("alone", alone))}
     assert asr["alone"] > 0.5 and asr["shipped"] < 0.1, asr  # the re-fit does the forgetting here
     assert abs(row["asr"] - asr["shipped"]) < 0.1, (row, asr)  # the folds saw what ships (before: ~0.98)
+
+
+def test_the_folds_score_the_entry_chain_as_it_ships(hf_backdoored, fmnist_test):
+    """The ViT's entry group is a chain (qkv -> proj -> fc1, each reading what the one before it gives) followed by
+    the classifier's re-fit. A fold's numbers are those of the model ``clean`` ships from the other folds' images
+    (exactly, without augmented copies)."""
+    model = hf_backdoored("vit").model
+    edit, _ = split_edit_eval(fmnist_test, 10, seed=0, eval_per_class=30)
+    entry = inspect_layers(model).groups["entry"]
+    row = agme_hub.clean(model, edit, trigger=TRIGGER, target=TEST_TARGET, layers=entry, lam_grid=(0.01,),
+                         augment_copies=0).selection.table[0]
+    shipped = shipped_fold_scores(model, edit, TRIGGER, TEST_TARGET, entry, 0.01)
+    for key, share in (("ca", 1.0), ("asr", 0.9), ("ta", 0.1)):  # one borderline image may move by float rounding
+        assert abs(row[key] - shipped[key]) <= 1 / (share * len(edit)) + 1e-9, (key, row, shipped)
 
 
 def test_clean_from_the_hub_push_and_load_back(hf_backdoored, hub_env, tmp_path):

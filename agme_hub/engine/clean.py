@@ -27,14 +27,13 @@ from ..progress import ProgressCallback, StageCounter
 from ..triggers import Trigger, parse_trigger
 from .classifier import ClassifierView, as_classifier, unwrap
 from .detection import detect_target_fast
-from .edit import (GramStats, apply_edit, augmented_pairs, bn_batches, collect_stats, forget_sum,
-                   recompute_batchnorm)
+from .edit import GramStats, apply_edit, augmented_pairs, bn_batches, forget_sum, recompute_batchnorm
 from .inversion import TargetDetection
 from .layers import Candidates, classifier_name, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, measured_images, predict
 from .repair import collect_refit_stats, solve_refit
 from .replay import CachedBoundary, reads_from
-from .select import RefitTrial, Selection, _cross_validate
+from .select import RefitTrial, Selection, _cross_validate, capture_layer
 from .surrogates import Surrogate, forget_sets, reconstruct_surrogates
 
 __all__ = ["clean", "evaluate", "CleanResult", "Selection", "Timings", "inspect_layers"]
@@ -328,7 +327,7 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
             # one capture per forgotten trigger, on the same augmented clean images (same seed); forget terms add
             captured = StageCounter(progress, "capture", 2 * len(data) * (method.augment_copies + 1) * len(layers.forget),
                                     "images")
-            final_stats[name] = forget_sum([_capture_one(
+            final_stats[name] = forget_sum([capture_layer(
                 edited, name, augmented_pairs(data.images, data.labels, used, copies=method.augment_copies,
                                               seed=method.seed, flip=method.flip, batch_size=max(1, batch // 2)),
                 preprocess, chosen.target, layers.boundaries.get(id(used)) if shortcut else None, progress=captured)
@@ -345,16 +344,6 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
         edits.advance()
     edited.eval()
     return final_stats, w0, seconds
-
-
-def _capture_one(model: torch.nn.Module, name: str, pairs: Any, preprocess: Preprocessor, target: int,
-                 boundary: CachedBoundary | None, *, progress: StageCounter | None = None) -> GramStats:
-    """One layer's statistics over the augmented pairs, run from the cached boundary outputs when there are any."""
-    if boundary is None:
-        return collect_stats(model, [name], pairs, preprocess, target=target, progress=progress)[name][0]
-    with boundary.plan.installed(model) as run:
-        return collect_stats(model, [name], pairs, preprocess, target=target, progress=progress,
-                             run=lambda batch: run(boundary.rows(batch)))[name][0]
 
 
 def _refit_classifier(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,

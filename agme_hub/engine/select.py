@@ -6,14 +6,18 @@ trigger, for every candidate layer in the same pass. Without backdoor knowledge 
 (several sets of them) and the ASR on the held-out fold is that of every surrogate, the same proxy for every
 set. The capture pass also keeps, per group, the output of a boundary module before the group's first layer
 (:mod:`.replay`), so that each fold and setting runs only the part of the network the edit can change.
-A trial is the model the engine ships: after a group upstream of the classifier, the repair's re-fit of the
-classifier (:class:`RefitTrial`) runs too, on the other folds' images of D.
+A trial is the model the engine ships. A group's layers are solved one after another, as the final edit solves
+them: a layer that reads from one edited before it (a chain: a ViT block's qkv -> proj -> fc1, MobileNetV3's
+conv_head -> classifier) gets its keys captured again through the trial's edits, on the other folds' pairs.
+After a group upstream of the classifier, the repair's re-fit of the classifier (:class:`RefitTrial`) runs too,
+on the other folds' images of D.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +33,9 @@ from .edit import GramStats, PairBatch, apply_edit, augmented_pairs, collect_sta
 from .layers import editable_layer
 from .metrics import predict
 from .repair import collect_refit_stats, solve_refit
-from .replay import CachedBoundary, Replay, plan_replay
+from .replay import CachedBoundary, Replay, plan_replay, reads_from
 
-__all__ = ["Selection", "RefitTrial"]
+__all__ = ["Selection", "RefitTrial", "capture_layer"]
 
 # The boundary outputs of every augmented copy are also kept (for the final edit's later layers) when they
 # fit in this many bytes; above it only those of D itself (for the cross-validation's predictions).
@@ -157,6 +161,12 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
              for name, members in forget.items()}
     totals = {name: {n: sum(s[1:], s[0]) for n, s in per_layer.items()} for name, per_layer in stats.items()}
     is_target = data.labels == target
+    sample = preprocess(data.images[:1]).to(device)
+    chained = {group: {n for p, n in enumerate(layer_names) if p and reads_from(model, n, layer_names[:p], sample)}
+               for group, layer_names in groups.items()}
+    chain_copies = {n: _chain_copies(editable_layer(model, n).key_dim, totals[next(iter(forget))][n].rows,
+                                     copies=copies, kept=keep_copies, folds=folds)
+                    for members in chained.values() for n in members}
     trial = copy.deepcopy(model)
     table = []
     # the re-fit reads the pairs of its own trigger (one of those captured); the original model's side of its
@@ -181,12 +191,23 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     held = np.flatnonzero(fold_of == fold)
                     if len(held) == 0:
                         continue
-                    apply_edit(trial, {n: totals[forget_name][n] - stats[forget_name][n][fold] for n in layer_names},
-                               lam=lam, gamma=gamma, target_weight=target_weight, protect=protect, original=w0)
+                    train = np.flatnonzero(fold_of != fold)
+                    for n in layer_names:  # shallow to deep, as the final edit solves them
+                        if n in chained[group]:  # its keys come through the layers of the group edited before it
+                            layer_stats = forget_sum([capture_layer(
+                                trial, n, _training_pairs(data, t, train, copies=chain_copies[n], seed=seed, flip=flip,
+                                                          batch_size=max(1, batch_size // 2),
+                                                          cached=boundary is not None),
+                                preprocess, target, boundary[id(t)] if boundary else None)
+                                for t in forget[forget_name]])
+                        else:
+                            layer_stats = totals[forget_name][n] - stats[forget_name][n][fold]
+                        apply_edit(trial, {n: layer_stats}, lam=lam, gamma=gamma, target_weight=target_weight,
+                                   protect=protect, original=w0)
                     if refits:
-                        _refit_in_trial(trial, model, refit, data, refit_probe, refit_original,
-                                        np.flatnonzero(fold_of != fold), target, preprocess,
-                                        boundary[id(refit.trigger)] if boundary else None, max(1, batch_size // 2))
+                        _refit_in_trial(trial, model, refit, data, refit_probe, refit_original, train, target,
+                                        preprocess, boundary[id(refit.trigger)] if boundary else None,
+                                        max(1, batch_size // 2))
                     if boundary is not None:
                         first = boundary[id(triggers[0])]
                         clean_pred[held] = _predict_replayed(trial, first.plan, first.clean[0][held], batch_size)
@@ -210,6 +231,52 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                           forget=str(best["forget"]))
     chosen = {key: c for key, c in cached.get(selection.group, {}).items() if len(c.clean) == copies + 1}
     return selection, capture_seconds, totals[selection.forget], chosen
+
+
+def capture_layer(model: torch.nn.Module, name: str, pairs: Iterator[PairBatch], preprocess: Preprocessor,
+                  target: int, boundary: CachedBoundary | None, *, progress: StageCounter | None = None) -> GramStats:
+    """One layer's statistics over the pairs, run from the cached boundary outputs when there are any."""
+    if boundary is None:
+        return collect_stats(model, [name], pairs, preprocess, target=target, progress=progress)[name][0]
+    with boundary.plan.installed(model) as run:
+        return collect_stats(model, [name], pairs, preprocess, target=target, progress=progress,
+                             run=lambda batch: run(boundary.rows(batch)))[name][0]
+
+
+def _chain_copies(key_dim: int, rows: int, *, copies: int, kept: int, folds: int) -> int:
+    """How many augmented copies a trial reads to capture a chained layer's keys again (``rows``: that layer's rows
+    over D and every copy).
+
+    D alone where the training folds' rows of D span the layer's keys (a ViT block reads tokens: many rows per
+    image); else every copy whose boundary outputs were kept, as the final edit reads them. Below that the
+    trial's solve is settled by the ridge in the directions D leaves out, the final edit's by the copies, and the
+    folds choose badly (measured on the bench: MobileNetV3's and EfficientNet's classifier, one row per image,
+    docs/METHOD.md). Every copy costs a trial as much as D itself again.
+    """
+    rows_of_d = rows / (copies + 1) * (folds - 1) / folds
+    return 0 if rows_of_d >= key_dim else kept - 1
+
+
+def _training_pairs(data: ImageSet, trigger: Trigger, train: np.ndarray, *, copies: int, seed: int, flip: bool,
+                    batch_size: int, cached: bool) -> Iterator[PairBatch]:
+    """The pairs of the training folds' images ``train``: D and its first ``copies`` augmented copies, the ones the
+    capture pass made (the same seed gives the same copies).
+
+    ``cached``: the boundary outputs of these copies are kept, so a batch only has to say which rows it is (its
+    ``source`` and ``copy``); its images are D's, unused. Otherwise the copies are made again.
+    """
+    chunks = max(1, -(-len(train) // batch_size))
+    if cached:
+        for copy_index in range(copies + 1):
+            for idx in np.array_split(train, chunks):
+                yield PairBatch(data.images[idx], data.images[idx], data.labels[idx], idx, copy_index)
+        return
+    for batch in augmented_pairs(data.images, data.labels, trigger, copies=copies, seed=seed, flip=flip,
+                                 batch_size=batch_size):
+        keep = np.isin(batch.source, train)
+        if keep.any():
+            yield PairBatch(batch.clean[keep], batch.triggered[keep], batch.labels[keep], batch.source[keep],
+                            batch.copy)
 
 
 def _refit_in_trial(trial: torch.nn.Module, model: torch.nn.Module, refit: RefitTrial, data: ImageSet,
