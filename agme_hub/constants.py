@@ -12,7 +12,7 @@ __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
     "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_REFIT_LAM", "DEFAULT_INVERSION_STEPS",
-    "DEFAULT_FOLDS",
+    "DEFAULT_FOLDS", "DEEP_ENTRY_BLOCKS",
     "DEFAULT_PROTECT_GRID", "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS", "MAX_KEY_DIM", "MIN_KEY_BLOCK",
     "BN_RECOMPUTE_BATCH", "BACKDOOR_SUSPECTED_EXIT_CODE", "cache_dir",
     "is_debug", "is_true",
@@ -43,6 +43,11 @@ DEFAULT_INVERSION_STEPS = 200  # Adam steps of trigger inversion (no-BDK)
 # `agme scan`'s exit status when it suspects a backdoor: not an error, a verdict scripts and CI can gate on.
 BACKDOOR_SUSPECTED_EXIT_CODE = 40
 DEFAULT_FOLDS = 5  # folds of the cross-validation that chooses layers and lam
+# A plain ViT (blocks of one shape) also offers the cross-validation the entry layers of its last this many blocks
+# (the ``blocks`` group, engine/layers.py): the residual stream carries the trigger past the last block's edit.
+# On the bench's 4-block ViT, 1 -> 3 blocks took SIG's ASR 6.3% -> 4.8% and the additive's 10.4% -> 5.3%; every
+# block adds three chained layers to each trial (docs/METHOD.md, stop 20).
+DEEP_ENTRY_BLOCKS = 3
 # Repair: fractions of the clean target-class keys' energy the update may not touch (null-space editing),
 # offered to the cross-validation; None = the weight alone. Off by default: it doubles the cross-validation's
 # solves (with an eigendecomposition each) and moved no headline cell (docs/METHOD.md, issue 13); pass

@@ -72,6 +72,17 @@ def test_candidates_are_the_entry_of_the_last_stage(arch, expected):
     assert expected <= set(groups["entry"]) and len(groups["classifier"]) == 1
 
 
+def test_a_plain_vit_also_offers_the_entry_of_its_last_blocks():
+    """The residual stream carries the trigger past the last block's edit: a ViT's ``blocks`` group chains the
+    entry layers of its last ``DEEP_ENTRY_BLOCKS`` blocks. Networks whose stages change shape have none."""
+    groups = inspect_layers(_model("vit_tiny_patch16_224")).groups
+    assert list(groups) == ["entry", "blocks", "classifier"]
+    assert groups["blocks"] == [f"blocks.{b}.{layer}" for b in (9, 10, 11)
+                                for layer in ("attn.qkv", "attn.proj", "mlp.fc1")]
+    assert groups["blocks"][-3:] == groups["entry"]
+    assert "blocks" not in inspect_layers(_model("resnet18")).groups
+
+
 def test_named_layers_and_refusals(cifar):
     model = _model("mobilenetv3_small_100")
     result = clean(model, cifar, trigger="badnets-white-br", target=0, lam=0.1, layers=["classifier"],

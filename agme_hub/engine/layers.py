@@ -8,7 +8,8 @@ Candidates come from the model itself: the classifier, the linear maps that read
 representation at the entry of the last stage (found from timm's ``feature_info``, or for transformers and
 plain torch modules from a traced forward pass, see :mod:`agme_hub.engine.tracing`), and, where the network
 has them, the maps between the last stage and the classifier (the "neck", e.g. MobileNetV3's ``conv_head``)
-chained with the classifier.
+chained with the classifier. A plain ViT (blocks of one shape) also offers the entry maps of its last
+``constants.DEEP_ENTRY_BLOCKS`` blocks as one chain (the "blocks" group).
 """
 
 from __future__ import annotations
@@ -236,20 +237,21 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
                 out = trace[name].output
                 if out is not None:
                     outputs[name] = tuple(out.shape[1:])
+        deep = None
         for name in reversed(info[:-1]):
             if name in outputs and outputs[name] != outputs.get(info[-1]):
                 boundary = name
                 break
         else:  # every stage has the same shape (plain ViTs): the last block is the last stage
             boundary = info[-2] if info[-2] in outputs else None
-        if boundary is not None:
-            position = max(i for i, (n, _) in enumerate(order) if n == boundary or n.startswith(boundary + "."))
-            channels = _channels(outputs[boundary])
-            entry = [n for n, s in order[position + 1:]
-                     if s and _channels(s) == channels and _is_candidate(get_module(model, n))]
-            entry = list(dict.fromkeys(n for n in entry if n != head))
-            if entry:
-                groups["entry"] = entry
+            # and the entry layers of the last few blocks, edited as one chain (docs/METHOD.md, stop 20)
+            blocks = constants.DEEP_ENTRY_BLOCKS
+            deep = info[-1 - blocks] if len(info) > blocks else None
+        for group, start in (("entry", boundary), ("blocks", deep)):
+            if start is not None and start in outputs:
+                layers = _entry_layers(model, order, start, _channels(outputs[start]), head)
+                if layers and layers != groups.get("entry"):
+                    groups[group] = layers
         neck = _neck_layers(model, order, info[-1], head)
         if neck:  # edited as a chain with the classifier: each alone leaves the backdoor (docs/METHOD.md)
             groups["neck"] = neck + [head]
@@ -260,6 +262,15 @@ def find_candidates(model: torch.nn.Module, sample: torch.Tensor) -> Candidates:
             groups["entry"] = [before[-1]]
     groups["classifier"] = [head]
     return Candidates(groups, boundary)
+
+
+def _entry_layers(model: torch.nn.Module, order: list[tuple[str, tuple[int, ...]]], start: str, channels: int,
+                  head: str) -> list[str]:
+    """The editable modules after stage ``start`` whose input has its feature width ``channels`` (not the head)."""
+    position = max(i for i, (n, _) in enumerate(order) if n == start or n.startswith(start + "."))
+    layers = [n for n, s in order[position + 1:]
+              if s and _channels(s) == channels and _is_candidate(get_module(model, n)) and n != head]
+    return list(dict.fromkeys(layers))
 
 
 def _neck_layers(model: torch.nn.Module, order: list[tuple[str, tuple[int, ...]]], last_stage: str,
