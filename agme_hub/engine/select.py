@@ -224,7 +224,7 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                 asr = float((probe_pred[:, ~is_target] == target).mean()) if (~is_target).any() else 0.0
                 table.append({"forget": forget_name, "group": group, "lam": lam, "protect": protect, "ca": ca,
                               "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
-    # first best wins: the first forget set, entry before neck and classifier, small lam first
+    # first best wins: the first forget set, entry before blocks, neck and classifier, small lam first
     best = max(table, key=lambda r: r["score"])
     selection = Selection(group=str(best["group"]), layers=groups[str(best["group"])], lam=float(best["lam"]),
                           target_weight=target_weight, folds=folds, table=table, protect=best["protect"],
