@@ -94,7 +94,10 @@ def test_two_workers_broken_source_fails_cleanly_the_rest_complete(local_batch):
     assert broken.exit_code is not None and broken.error and "\n" not in broken.error
     assert "Traceback" in (out / "broken" / "job.log").read_text()  # the details are in the job's log
     assert not (out / "broken" / batch.MODEL_DIR).exists()
-    assert len({job.worker for job in summary.jobs}) == 2  # two worker processes shared the jobs
+    # Jobs ran in worker processes, not here, and on at most two of them. Not "exactly two": on a loaded
+    # machine one worker can finish all four one-second jobs before the other has imported torch.
+    workers = {job.worker for job in summary.jobs}
+    assert 1 <= len(workers) <= 2 and f":{os.getpid()}" not in " ".join(workers)
     for job in summary.jobs:
         if job.status == "complete":
             assert job.after["attack_success_rate"] < job.before["attack_success_rate"]
