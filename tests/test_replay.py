@@ -13,7 +13,11 @@ import torch
 from agme_hub.data import Preprocessor, split_edit_eval
 from agme_hub.engine import clean
 from agme_hub.engine.layers import find_candidates
-from agme_hub.engine.replay import plan_replay, reads_from
+from agme_hub.engine.capture import capture_activations, get_module
+from agme_hub.engine.edit import PairBatch
+from agme_hub.engine.replay import CachedBoundary, deeper_boundaries, plan_replay, reads_from
+from agme_hub.engine.select import capture_layer, walk_to
+from agme_hub.triggers import parse_trigger
 from agme_hub.lab.backdoor import create_classifier
 from tests.conftest import TEST_TARGET
 
@@ -40,8 +44,6 @@ def test_replay_from_the_boundary_gives_the_full_logits(arch, size, fmnist_test,
         plan = plan_replay(model, layers, sample)
         assert plan is not None, (arch, group)
         with torch.inference_mode():
-            from agme_hub.engine.capture import capture_activations
-
             with capture_activations(model, [plan.boundary], retain_input=False, retain_output=True) as trace:
                 full = trace.run(others)
             with plan.installed(model) as run:
@@ -60,6 +62,51 @@ def test_a_shortcut_reads_the_block_input_not_its_first_conv(resnet, fmnist_test
     assert not reads_from(resnet, "layer4.0.downsample.1", ["layer4.0.conv1"], sample[:1])
     assert reads_from(resnet, "layer4.0.conv2", ["layer4.0.conv1"], sample[:1])
     assert reads_from(resnet, "fc", ["layer4.0.conv2"], sample[:1])
+
+
+def test_a_chain_through_blocks_walks_from_block_to_block(fmnist_test):
+    """A ViT's ``blocks`` chain: a later block's layers replay from the previous block's output in the edited
+    model (one block each, not every block from the group's boundary), and their statistics are the same."""
+    torch.manual_seed(0)
+    model = create_classifier("vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=32, mean=(0.5,),
+                              std=(0.5,), model_args={"patch_size": 4}).eval()
+    preprocess = Preprocessor.from_model(model)
+    images = fmnist_test.images[:12]
+    triggered = parse_trigger(TRIGGER).apply(images)
+    layers = find_candidates(model, preprocess(images[:4])).groups["blocks"]
+    sample = preprocess(np.concatenate([images[:2], triggered[:2]]))
+    plan = plan_replay(model, layers, sample)
+    deeper = deeper_boundaries(model, plan, layers[1:], sample)
+    assert plan.boundary == "blocks.8"
+    assert {n: d.boundary for n, d in deeper.items()} == {
+        **{f"blocks.10.{n}": "blocks.9" for n in ("attn.qkv", "attn.proj", "mlp.fc1")},
+        **{f"blocks.11.{n}": "blocks.10" for n in ("attn.qkv", "attn.proj", "mlp.fc1")}}
+    with torch.no_grad(), capture_activations(model, [plan.boundary], retain_input=False, retain_output=True,
+                                              stop=True) as trace:
+        trace.run(preprocess(images))
+        clean_rows = trace[plan.boundary].output
+        trace.run(preprocess(triggered))
+        cached = CachedBoundary(plan, [clean_rows], [trace[plan.boundary].output], deeper)
+    with torch.no_grad():  # the chain's first layers, edited
+        for name in layers[:5]:
+            weight = get_module(model, name).weight
+            weight.add_(0.05 * torch.randn_like(weight))
+    rows = np.array([0, 1, 2, 4, 5, 7, 8, 9, 10, 11])  # a trial's training rows
+    labels = np.arange(12) % 10
+
+    def pairs():
+        for idx in np.array_split(rows, 3):
+            yield PairBatch(images[idx], triggered[idx], labels[idx], idx, 0)
+
+    walked = cached
+    for name in layers[5:]:
+        walked = walk_to(model, walked, name, rows, copies=0, batch_size=4)
+        assert walked.plan.boundary == deeper[name].boundary
+        assert torch.isnan(walked.clean[0][3]).all()  # a held-out row is not computed
+        ours = capture_layer(model, name, pairs(), preprocess, TEST_TARGET, walked)
+        reference = capture_layer(model, name, pairs(), preprocess, TEST_TARGET, cached)
+        for field in ("cc", "cc_target", "tt", "ct"):
+            torch.testing.assert_close(getattr(ours, field), getattr(reference, field), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("layers", [None, ["layer4.0.conv1", "layer4.0.downsample.1"],

@@ -33,7 +33,7 @@ from .layers import Candidates, classifier_name, editable_layer, find_candidates
 from .metrics import Metrics, measure, measured_images, predict
 from .repair import collect_refit_stats, solve_refit
 from .replay import CachedBoundary, reads_from
-from .select import RefitTrial, Selection, _cross_validate, capture_layer
+from .select import RefitTrial, Selection, _cross_validate, capture_layer, walk_to
 from .surrogates import Surrogate, forget_sets, reconstruct_surrogates
 
 __all__ = ["clean", "evaluate", "CleanResult", "Selection", "Timings", "inspect_layers"]
@@ -315,6 +315,8 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
     w0 = {n: _weight_matrix(original, n) for n in layers.layers}
     final_stats: dict[str, GramStats] = {}
     edits = StageCounter(progress, "edit", len(layers.layers), "layers")
+    # per trigger, the boundary outputs a chain's next layer replays from: deeper as its edits go deeper
+    walk = dict(layers.boundaries)
     for position, name in enumerate(layers.layers):
         start = time.perf_counter()
         shortcut = replay and method.bn_stats == "keep"
@@ -327,10 +329,14 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
             # one capture per forgotten trigger, on the same augmented clean images (same seed); forget terms add
             captured = StageCounter(progress, "capture", 2 * len(data) * (method.augment_copies + 1) * len(layers.forget),
                                     "images")
+            if shortcut:
+                for key, cached in walk.items():
+                    walk[key] = walk_to(edited, cached, name, np.arange(len(data)), copies=method.augment_copies,
+                                        batch_size=max(1, batch // 2))
             final_stats[name] = forget_sum([capture_layer(
                 edited, name, augmented_pairs(data.images, data.labels, used, copies=method.augment_copies,
                                               seed=method.seed, flip=method.flip, batch_size=max(1, batch // 2)),
-                preprocess, chosen.target, layers.boundaries.get(id(used)) if shortcut else None, progress=captured)
+                preprocess, chosen.target, walk.get(id(used)) if shortcut else None, progress=captured)
                 for used in layers.forget])
         seconds["capture"] += time.perf_counter() - start
         start = time.perf_counter()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,7 +33,7 @@ from .classifier import logits_of
 if TYPE_CHECKING:
     from .edit import PairBatch
 
-__all__ = ["CachedBoundary", "Replay", "plan_replay", "reads_from"]
+__all__ = ["CachedBoundary", "Replay", "deeper_boundaries", "plan_replay", "reads_from"]
 
 # Candidate boundaries verified at most (each costs one forward pass of the sample).
 _MAX_TRIES = 8
@@ -108,6 +108,9 @@ class CachedBoundary:
     plan: Replay
     clean: list[torch.Tensor]
     triggered: list[torch.Tensor]
+    # per layer of the group that an earlier one feeds (a chain), a deeper boundary it replays from once the
+    # layers before that boundary are edited (:func:`deeper_boundaries`)
+    deeper: dict[str, Replay] = field(default_factory=dict)
 
     def rows(self, batch: PairBatch) -> torch.Tensor:
         """The boundary outputs of a batch of pairs: its clean rows, then its triggered rows."""
@@ -208,18 +211,57 @@ def plan_replay(model: torch.nn.Module, layers: list[str], sample: torch.Tensor)
         trace.run(sample)
         outputs = {n: trace[n].output for n in candidates}
     for name in candidates:
-        plan = _plan_for(calls, name, sample)
-        if plan is None or outputs[name] is None:
-            continue
-        try:
-            with torch.inference_mode(), plan.installed(model) as run:
-                replayed = logits_of(run(outputs[name]))
-        except Exception:  # noqa: BLE001 - a placeholder of the wrong kind broke the forward: not this boundary
-            continue
-        if replayed.shape == logits.shape and bool(torch.isfinite(replayed).all()) \
-                and torch.allclose(replayed, logits, rtol=1e-4, atol=1e-5):
+        plan = _verified_plan(model, calls, name, outputs[name], sample, logits)
+        if plan is not None:
             return plan
     return None
+
+
+def _verified_plan(model: torch.nn.Module, calls: dict[str, _Call], boundary: str, output: torch.Tensor | None,
+                   sample: torch.Tensor, logits: torch.Tensor) -> Replay | None:
+    """The plan from ``boundary`` if replaying its ``output`` for ``sample`` gives the model's ``logits``."""
+    plan = _plan_for(calls, boundary, sample)
+    if plan is None or output is None:
+        return None
+    try:
+        with torch.inference_mode(), plan.installed(model) as run:
+            replayed = logits_of(run(output))
+    except Exception:  # noqa: BLE001 - a placeholder of the wrong kind broke the forward: not this boundary
+        return None
+    if replayed.shape == logits.shape and bool(torch.isfinite(replayed).all()) \
+            and torch.allclose(replayed, logits, rtol=1e-4, atol=1e-5):
+        return plan
+    return None
+
+
+def deeper_boundaries(model: torch.nn.Module, plan: Replay, layers: list[str], sample: torch.Tensor
+                      ) -> dict[str, Replay]:
+    """Per layer of ``layers``, a boundary deeper than ``plan``'s to replay it from, where there is one.
+
+    A chain of edits through several blocks (a ViT's last blocks) captures each later layer again once the
+    layers before it are edited. From ``plan``'s boundary that replays every block in between, for every
+    layer (a cost that grows with the square of the chain's depth); from the output of the block just before
+    the layer, in the edited model, it replays one. The deeper boundary is the last module beside ``plan``'s
+    boundary (a sibling: ``blocks.10`` beside ``blocks.8``) that ends before the layer starts, kept only if
+    replaying ``sample`` from it gives the model's logits. Layers without one replay from ``plan``.
+    """
+    calls, logits = _record_calls(model, sample)
+    parent, after = _parent(plan.boundary), calls[plan.boundary].end
+    siblings = [n for n, c in calls.items()
+                if n != plan.boundary and _parent(n) == parent and c.start > after and c.calls == 1 and c.out is not None]
+    wanted = {}
+    for layer in layers:
+        before = [n for n in siblings if layer in calls and calls[n].end < calls[layer].start]
+        if before:
+            wanted[layer] = max(before, key=lambda n: calls[n].end)
+    if not wanted:
+        return {}
+    names = list(dict.fromkeys(wanted.values()))
+    with torch.inference_mode(), capture_activations(model, names, retain_input=False, retain_output=True) as trace:
+        trace.run(sample)
+        outputs = {n: trace[n].output for n in names}
+    plans = {n: _verified_plan(model, calls, n, outputs[n], sample, logits) for n in names}
+    return {layer: plans[name] for layer, name in wanted.items() if plans[name] is not None}
 
 
 def reads_from(model: torch.nn.Module, layer: str, upstream: list[str], sample: torch.Tensor) -> bool:

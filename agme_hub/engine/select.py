@@ -33,9 +33,9 @@ from .edit import GramStats, PairBatch, apply_edit, augmented_pairs, collect_sta
 from .layers import editable_layer
 from .metrics import predict
 from .repair import collect_refit_stats, solve_refit
-from .replay import CachedBoundary, Replay, plan_replay, reads_from
+from .replay import CachedBoundary, Replay, deeper_boundaries, plan_replay, reads_from
 
-__all__ = ["Selection", "RefitTrial", "capture_layer"]
+__all__ = ["Selection", "RefitTrial", "capture_layer", "walk_to"]
 
 # The boundary outputs of every augmented copy are also kept (for the final edit's later layers) when they
 # fit in this many bytes; above it only those of D itself (for the cross-validation's predictions).
@@ -151,19 +151,23 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                                     batch_size=max(1, batch_size // 2))
             by_trigger[id(trigger)] = collect_stats(model, names, pairs, preprocess, target=target, folds=fold_of,
                                                     num_folds=folds, run=run, progress=captured)
-    # per group, per trigger: its replay plan and the boundary outputs
+    is_target = data.labels == target
+    sample = preprocess(data.images[:1]).to(device)
+    chained = {group: [n for p, n in enumerate(layer_names) if p and reads_from(model, n, layer_names[:p], sample)]
+               for group, layer_names in groups.items()}
+    # per group, per trigger: its replay plan, the boundary outputs, and deeper boundaries for a chain's later layers
+    deeper = {group: deeper_boundaries(model, plan, chained[group], preprocess(
+        np.concatenate([data.images[:2], probes[0][:2]])).to(device)) if chained[group] else {}
+        for group, plan in plans.items()}
     cached = {group: {id(t): CachedBoundary(plan, [torch.cat(rows) for rows in kept_clean[plan.boundary]],
-                                            [torch.cat(rows) for rows in kept_triggered[plan.boundary, i]])
+                                            [torch.cat(rows) for rows in kept_triggered[plan.boundary, i]],
+                                            deeper[group])
                       for i, t in enumerate(triggers)}
               for group, plan in plans.items()}
     capture_seconds = time.perf_counter() - start
     stats = {name: {n: [forget_sum([by_trigger[id(t)][n][f] for t in members]) for f in range(folds)] for n in names}
              for name, members in forget.items()}
     totals = {name: {n: sum(s[1:], s[0]) for n, s in per_layer.items()} for name, per_layer in stats.items()}
-    is_target = data.labels == target
-    sample = preprocess(data.images[:1]).to(device)
-    chained = {group: {n for p, n in enumerate(layer_names) if p and reads_from(model, n, layer_names[:p], sample)}
-               for group, layer_names in groups.items()}
     chain_copies = {n: _chain_copies(editable_layer(model, n).key_dim, totals[next(iter(forget))][n].rows,
                                      copies=copies, kept=keep_copies, folds=folds)
                     for members in chained.values() for n in members}
@@ -192,13 +196,18 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     if len(held) == 0:
                         continue
                     train = np.flatnonzero(fold_of != fold)
+                    # per trigger, the boundary the chain's next layer replays from: deeper as its edits go deeper
+                    walk = dict(boundary) if boundary else {}
                     for n in layer_names:  # shallow to deep, as the final edit solves them
                         if n in chained[group]:  # its keys come through the layers of the group edited before it
+                            for t in forget[forget_name] if boundary else ():
+                                walk[id(t)] = walk_to(trial, walk[id(t)], n, train, copies=max(
+                                    chain_copies[m] for m in chained[group]), batch_size=max(1, batch_size // 2))
                             layer_stats = forget_sum([capture_layer(
                                 trial, n, _training_pairs(data, t, train, copies=chain_copies[n], seed=seed, flip=flip,
                                                           batch_size=max(1, batch_size // 2),
                                                           cached=boundary is not None),
-                                preprocess, target, boundary[id(t)] if boundary else None)
+                                preprocess, target, walk.get(id(t)))
                                 for t in forget[forget_name]])
                         else:
                             layer_stats = totals[forget_name][n] - stats[forget_name][n][fold]
@@ -241,6 +250,38 @@ def capture_layer(model: torch.nn.Module, name: str, pairs: Iterator[PairBatch],
     with boundary.plan.installed(model) as run:
         return collect_stats(model, [name], pairs, preprocess, target=target, progress=progress,
                              run=lambda batch: run(boundary.rows(batch)))[name][0]
+
+
+def walk_to(model: torch.nn.Module, cached: CachedBoundary, layer: str, rows: np.ndarray, *, copies: int,
+            batch_size: int) -> CachedBoundary:
+    """The boundary outputs ``layer`` replays from in ``model``, edited up to the layers before it.
+
+    ``cached``: the boundary outputs the chain has reached so far, in ``model``. Where ``layer`` has a deeper
+    boundary (``cached.deeper``: a ViT block's output, for the next block's layers) that boundary's outputs are
+    computed once from ``cached``, for the images ``rows`` of D in each of its first ``copies`` + 1 copies (the
+    other rows stay NaN), so every later layer of the chain replays one block instead of all blocks from the
+    group's first boundary.
+    """
+    plan = cached.deeper.get(layer)
+    if plan is None or plan.boundary == cached.plan.boundary:
+        return cached
+    name = plan.boundary
+    clean, triggered = [], []
+    with torch.no_grad(), cached.plan.installed(model) as run, capture_activations(
+            model, [name], retain_input=False, retain_output=True, stop=True) as trace:
+        for copy_index in range(copies + 1):
+            sides = None
+            for idx in np.array_split(rows, max(1, -(-len(rows) // batch_size))):
+                index = torch.as_tensor(idx)
+                trace.call(run, torch.cat([cached.clean[copy_index][index], cached.triggered[copy_index][index]]))
+                out = trace[name].output
+                if sides is None:
+                    sides = [out.new_full((len(cached.clean[copy_index]), *out.shape[1:]), float("nan"))
+                             for _ in range(2)]
+                sides[0][index], sides[1][index] = out[:len(idx)], out[len(idx):]
+            clean.append(sides[0])
+            triggered.append(sides[1])
+    return CachedBoundary(plan, clean, triggered, cached.deeper)
 
 
 def _chain_copies(key_dim: int, rows: int, *, copies: int, kept: int, folds: int) -> int:
