@@ -129,3 +129,22 @@ def test_clean_is_unchanged_by_replay(resnet, fmnist_test, layers):
     x = Preprocessor.from_model(resnet)(held.images)
     with torch.inference_mode():
         assert torch.equal(slow.model(x).argmax(1), fast.model(x).argmax(1))
+
+
+def test_a_vit_clean_is_unchanged_by_replay(fmnist_test):
+    """The ViT's groups, the ``blocks`` chain among them: the trials walk from block to block and the re-fit and
+    predictions replay from the deepest block reached; the table and the model are the full network's."""
+    torch.manual_seed(0)
+    model = create_classifier("vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=32, mean=(0.5,),
+                              std=(0.5,), model_args={"patch_size": 8, "depth": 5, "embed_dim": 48,
+                                                      "num_heads": 3}).eval()
+    data, _ = split_edit_eval(fmnist_test, 4, seed=0)
+    blocks = find_candidates(model, Preprocessor.from_model(model)(data.images[:4])).groups["blocks"]
+    slow, fast = [clean(model, data, trigger=TRIGGER, target=TEST_TARGET, seed=0, augment_copies=1, replay=replay,
+                        layers=blocks) for replay in (False, True)]
+    assert blocks[0] == "blocks.2.attn.qkv" and fast.layers == slow.layers == blocks and fast.lam == slow.lam
+    for a, b in zip(slow.selection.table, fast.selection.table, strict=True):
+        assert a == pytest.approx(b), (a, b)
+    slow_state, fast_state = slow.model.state_dict(), fast.model.state_dict()
+    for key, value in slow_state.items():
+        torch.testing.assert_close(fast_state[key], value, rtol=1e-5, atol=1e-6)

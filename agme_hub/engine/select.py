@@ -172,6 +172,7 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                                      copies=copies, kept=keep_copies, folds=folds)
                     for members in chained.values() for n in members}
     trial = copy.deepcopy(model)
+    every_row = np.arange(len(data))
     table = []
     # the re-fit reads the pairs of its own trigger (one of those captured); the original model's side of its
     # sums is the same in every trial, so it is computed once
@@ -196,12 +197,14 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     if len(held) == 0:
                         continue
                     train = np.flatnonzero(fold_of != fold)
-                    # per trigger, the boundary the chain's next layer replays from: deeper as its edits go deeper
+                    # per trigger, the boundary the chain's next layer replays from: deeper as its edits go deeper;
+                    # the re-fit and the held-out predictions then replay from the deepest one reached (every row
+                    # of D is walked, the held-out fold's too)
                     walk = dict(boundary) if boundary else {}
                     for n in layer_names:  # shallow to deep, as the final edit solves them
                         if n in chained[group]:  # its keys come through the layers of the group edited before it
                             for t in forget[forget_name] if boundary else ():
-                                walk[id(t)] = walk_to(trial, walk[id(t)], n, train, copies=max(
+                                walk[id(t)] = walk_to(trial, walk[id(t)], n, every_row, copies=max(
                                     chain_copies[m] for m in chained[group]), batch_size=max(1, batch_size // 2))
                             layer_stats = forget_sum([capture_layer(
                                 trial, n, _training_pairs(data, t, train, copies=chain_copies[n], seed=seed, flip=flip,
@@ -215,14 +218,14 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                                    protect=protect, original=w0)
                     if refits:
                         _refit_in_trial(trial, model, refit, data, refit_probe, refit_original, train, target,
-                                        preprocess, boundary[id(refit.trigger)] if boundary else None,
+                                        preprocess, walk[id(refit.trigger)] if boundary else None,
                                         max(1, batch_size // 2))
                     if boundary is not None:
-                        first = boundary[id(triggers[0])]
+                        first = walk[id(triggers[0])]
                         clean_pred[held] = _predict_replayed(trial, first.plan, first.clean[0][held], batch_size)
                         for i, t in enumerate(triggers):
-                            probe_pred[i, held] = _predict_replayed(trial, first.plan,
-                                                                    boundary[id(t)].triggered[0][held], batch_size)
+                            probe_pred[i, held] = _predict_replayed(trial, walk[id(t)].plan,
+                                                                    walk[id(t)].triggered[0][held], batch_size)
                     else:
                         clean_pred[held] = predict(trial, data.images[held], preprocess, batch_size=batch_size)
                         for i, triggered in enumerate(probes):
