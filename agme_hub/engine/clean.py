@@ -306,7 +306,8 @@ def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageS
 
     A later layer whose input no earlier edit reaches (a shortcut's conv beside the block's first conv) keeps
     the cross-validation's statistics; one that an earlier edit reaches is captured again, from the cached
-    boundary outputs when the cross-validation kept them for every augmented copy. Both only with the
+    boundary outputs when the cross-validation kept them for every augmented copy (deeper in a chain of blocks,
+    from the output of the block before it, computed once from them: :func:`select.walk_to`). Both only with the
     BatchNorm averages kept (re-estimated averages change what later layers receive).
 
     Returns each layer's statistics, its original weight matrix, and the seconds of capture, solve and bn_stats.

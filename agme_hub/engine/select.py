@@ -8,8 +8,8 @@ set. The capture pass also keeps, per group, the output of a boundary module bef
 (:mod:`.replay`), so that each fold and setting runs only the part of the network the edit can change.
 A trial is the model the engine ships. A group's layers are solved one after another, as the final edit solves
 them: a layer that reads from one edited before it (a chain: a ViT block's qkv -> proj -> fc1, MobileNetV3's
-conv_head -> classifier) gets its keys captured again through the trial's edits, on the other folds' pairs.
-After a group upstream of the classifier, the repair's re-fit of the classifier (:class:`RefitTrial`) runs too,
+conv_head -> classifier) gets its keys captured again through the trial's edits, on the other folds' pairs,
+replayed from the output of the last block the chain has passed (:func:`walk_to`). After a group upstream of the classifier, the repair's re-fit of the classifier (:class:`RefitTrial`) runs too,
 on the other folds' images of D.
 """
 
