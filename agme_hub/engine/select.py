@@ -275,7 +275,7 @@ def walk_to(model: torch.nn.Module, cached: CachedBoundary, layer: str, rows: np
         for copy_index in range(copies + 1):
             sides = None
             for idx in np.array_split(rows, max(1, -(-len(rows) // batch_size))):
-                index = torch.as_tensor(idx)
+                index = torch.as_tensor(idx, device=cached.clean[copy_index].device)
                 trace.call(run, torch.cat([cached.clean[copy_index][index], cached.triggered[copy_index][index]]))
                 out = trace[name].output
                 if sides is None:
