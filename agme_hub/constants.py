@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
-    "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_REFIT_LAM", "DEFAULT_INVERSION_STEPS",
+    "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_REFIT_LAM", "UNDERDETERMINED_REFIT_LAM", "DEFAULT_INVERSION_STEPS",
     "DEFAULT_FOLDS", "DEEP_ENTRY_BLOCKS",
     "DEFAULT_PROTECT_GRID", "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS", "MAX_KEY_DIM", "MIN_KEY_BLOCK",
     "BN_RECOMPUTE_BATCH", "BACKDOOR_SUSPECTED_EXIT_CODE", "cache_dir",
@@ -39,6 +39,10 @@ DEFAULT_TARGET_WEIGHT = 4.0  # repair: weight of the preserve term of clean targ
 # on the demo and three bench models, ASR within the natural confusion + 2 pt (docs/METHOD.md, issue 13, third round)
 DEFAULT_REFIT_CLASSIFIER = True
 DEFAULT_REFIT_LAM = 0.001
+# ... and at least this ridge where the re-fit's rows (D and its copies) are fewer than the classifier's key
+# dimensions: a pretrained EfficientNet-Lite0 (1280 keys, 1000 rows) lost 23 pt of clean accuracy at 0.001,
+# none at 0.1 (docs/METHOD.md, stop 21)
+UNDERDETERMINED_REFIT_LAM = 0.1
 DEFAULT_INVERSION_STEPS = 200  # Adam steps of trigger inversion (no-BDK)
 # `agme scan`'s exit status when it suspects a backdoor: not an error, a verdict scripts and CI can gate on.
 BACKDOOR_SUSPECTED_EXIT_CODE = 40

@@ -52,7 +52,8 @@ class MethodOptions:
     target_weight: float = _opt(DEFAULT_TARGET_WEIGHT, "Repair: weight of clean target-class images.", group="Method")
     refit_classifier: bool = _opt(DEFAULT_REFIT_CLASSIFIER, "Repair: after an edit upstream of the classifier, re-fit "
                                   "the classifier to the original outputs (forget pairs kept).", group="Method")
-    refit_lam: float = _opt(DEFAULT_REFIT_LAM, "Repair: ridge of the classifier re-fit (scale-free, as lam).",
+    refit_lam: float = _opt(DEFAULT_REFIT_LAM, "Repair: ridge of the classifier re-fit (scale-free, as lam); at "
+                            "least 0.1 where D and its copies are fewer than the classifier's inputs.",
                             group="Method")
     augment_copies: int = _opt(DEFAULT_AUGMENT_COPIES, "Seeded augmented copies of the edit images.", group="Method")
     bn_stats: str = _opt("keep", "BatchNorm running averages after the edit: keep or recompute.", group="Method")

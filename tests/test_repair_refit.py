@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from agme_hub.constants import UNDERDETERMINED_REFIT_LAM
 from agme_hub.data import ImageSet, Preprocessor, balanced_indices
 from agme_hub.engine import clean, inspect_layers
 from agme_hub.engine.edit import augmented_pairs
 from agme_hub.engine.layers import editable_layer
-from agme_hub.engine.repair import RefitStats, collect_refit_stats, solve_refit
+from agme_hub.engine.repair import RefitStats, collect_refit_stats, refit_ridge, solve_refit
 from agme_hub.hub.checkpoint import load_model
 
 from .helpers import save_tiny_model
@@ -82,3 +83,11 @@ def test_refit_with_unchanged_keys_is_the_identity():
     stats = RefitStats(cc=gram, cc_target=gram[:0, :0].new_zeros(6, 6), oc=gram, oc_target=gram.new_zeros(6, 6),
                        tt=gram, ot=gram)
     assert torch.allclose(solve_refit(w0, w0, stats, lam=0.01, gamma=1.0), w0)
+
+
+def test_an_underdetermined_refit_gets_the_larger_ridge():
+    """Fewer rows (D and its copies) than classifier keys: the re-fit would interpolate them at the small ridge
+    (the pretrained Lite0 of tests/test_pretrained.py lost 23 pt of clean accuracy); a larger ridge stands."""
+    assert refit_ridge(0.001, key_dim=513, rows=1000) == 0.001
+    assert refit_ridge(0.001, key_dim=1281, rows=1000) == UNDERDETERMINED_REFIT_LAM == 0.1
+    assert refit_ridge(0.5, key_dim=1281, rows=1000) == 0.5  # a larger ridge asked for is kept

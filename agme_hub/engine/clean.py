@@ -31,7 +31,7 @@ from .edit import GramStats, apply_edit, augmented_pairs, bn_batches, forget_sum
 from .inversion import TargetDetection
 from .layers import Candidates, classifier_name, editable_layer, find_candidates, resolve_layers
 from .metrics import Metrics, measure, measured_images, predict
-from .repair import collect_refit_stats, solve_refit
+from .repair import collect_refit_stats, refit_ridge, solve_refit
 from .replay import CachedBoundary, reads_from
 from .select import RefitTrial, Selection, _cross_validate, capture_layer, walk_to
 from .surrogates import Surrogate, forget_sets, reconstruct_surrogates
@@ -285,8 +285,8 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
     refit = None
     if method.repair and method.refit_classifier:  # scored in every trial, as _refit_classifier runs it after
         head = classifier_name(model, preprocess(data.images[:2]).to(model_device(model)))
-        refit = RefitTrial(head=head, trigger=chosen.trigger, lam=method.refit_lam, gamma=method.gamma,
-                           target_weight=weight)
+        refit = RefitTrial(head=head, trigger=chosen.trigger, lam=_refit_lam(model, head, data, method),
+                           gamma=method.gamma, target_weight=weight)
     selection, capture_seconds, captured, boundaries = _cross_validate(
         model, data, chosen.forget, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
@@ -376,11 +376,18 @@ def _refit_classifier(edited: torch.nn.Module, original: torch.nn.Module, data: 
     layer = editable_layer(edited, head)
     where = stats.cc.device
     layer.set_weight_matrix(solve_refit(_weight_matrix(original, head).to(where, torch.float64),
-                                        layer.weight_matrix().to(where, torch.float64), stats, lam=method.refit_lam,
+                                        layer.weight_matrix().to(where, torch.float64), stats,
+                                        lam=_refit_lam(original, head, data, method),
                                         gamma=method.gamma, target_weight=weight))
     seconds["solve"] += time.perf_counter() - start
     edited.eval()
     return head
+
+
+def _refit_lam(model: torch.nn.Module, head: str, data: ImageSet, method: MethodOptions) -> float:
+    """The re-fit's ridge, the same in the trials and the final re-fit: from the rows the final one reads (one per
+    image of D and of each augmented copy) against the classifier's key dimensions."""
+    return refit_ridge(method.refit_lam, editable_layer(model, head).key_dim, len(data) * (method.augment_copies + 1))
 
 
 def _weight_matrix(model: torch.nn.Module, name: str) -> torch.Tensor:
