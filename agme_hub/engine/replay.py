@@ -247,8 +247,8 @@ def deeper_boundaries(model: torch.nn.Module, plan: Replay, layers: list[str], s
     """
     calls, logits = _record_calls(model, sample)
     parent, after = _parent(plan.boundary), calls[plan.boundary].end
-    siblings = [n for n, c in calls.items()
-                if n != plan.boundary and _parent(n) == parent and c.start > after and c.calls == 1 and c.out is not None]
+    siblings = [n for n, c in calls.items() if n != plan.boundary and _parent(n) == parent and c.start > after
+                and c.calls == 1 and c.out is not None]
     wanted = {}
     for layer in layers:
         before = [n for n in siblings if layer in calls and calls[n].end < calls[layer].start]

@@ -9,8 +9,9 @@ set. The capture pass also keeps, per group, the output of a boundary module bef
 A trial is the model the engine ships. A group's layers are solved one after another, as the final edit solves
 them: a layer that reads from one edited before it (a chain: a ViT block's qkv -> proj -> fc1, MobileNetV3's
 conv_head -> classifier) gets its keys captured again through the trial's edits, on the other folds' pairs,
-replayed from the output of the last block the chain has passed (:func:`walk_to`). After a group upstream of the classifier, the repair's re-fit of the classifier (:class:`RefitTrial`) runs too,
-on the other folds' images of D.
+replayed from the output of the last block the chain has passed (:func:`walk_to`). After a group upstream of
+the classifier, the repair's re-fit of the classifier (:class:`RefitTrial`) runs too, on the other folds' images
+of D.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     device = model_device(model)
     plans: dict[str, Replay] = {}
     if replay:
-        sample = preprocess(np.concatenate([data.images[:2], probes[0][:2]])).to(device)
-        plans = {g: p for g, layer_names in groups.items() if (p := plan_replay(model, layer_names, sample)) is not None}
+        replay_sample = preprocess(np.concatenate([data.images[:2], probes[0][:2]])).to(device)
+        plans = {g: p for g, layer_names in groups.items()
+                 if (p := plan_replay(model, layer_names, replay_sample)) is not None}
     boundaries = list(dict.fromkeys(p.boundary for p in plans.values()))
     per_copy = (1 + len(triggers)) * len(data) * sum(p.bytes_per_image()
                                                      for p in {p.boundary: p for p in plans.values()}.values())
@@ -156,9 +158,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     chained = {group: [n for p, n in enumerate(layer_names) if p and reads_from(model, n, layer_names[:p], sample)]
                for group, layer_names in groups.items()}
     # per group, per trigger: its replay plan, the boundary outputs, and deeper boundaries for a chain's later layers
-    deeper = {group: deeper_boundaries(model, plan, chained[group], preprocess(
-        np.concatenate([data.images[:2], probes[0][:2]])).to(device)) if chained[group] else {}
-        for group, plan in plans.items()}
+    deeper = {group: deeper_boundaries(model, plan, chained[group], replay_sample) if chained[group] else {}
+              for group, plan in plans.items()}
     cached = {group: {id(t): CachedBoundary(plan, [torch.cat(rows) for rows in kept_clean[plan.boundary]],
                                             [torch.cat(rows) for rows in kept_triggered[plan.boundary, i]],
                                             deeper[group])
@@ -171,6 +172,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     chain_copies = {n: _chain_copies(editable_layer(model, n).key_dim, totals[next(iter(forget))][n].rows,
                                      copies=copies, kept=keep_copies, folds=folds)
                     for members in chained.values() for n in members}
+    # a walked block's outputs serve every later layer of the chain: as many copies as the most any of them reads
+    walk_copies = {group: max((chain_copies[n] for n in members), default=0) for group, members in chained.items()}
     trial = copy.deepcopy(model)
     every_row = np.arange(len(data))
     table = []
@@ -204,8 +207,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     for n in layer_names:  # shallow to deep, as the final edit solves them
                         if n in chained[group]:  # its keys come through the layers of the group edited before it
                             for t in forget[forget_name] if boundary else ():
-                                walk[id(t)] = walk_to(trial, walk[id(t)], n, every_row, copies=max(
-                                    chain_copies[m] for m in chained[group]), batch_size=max(1, batch_size // 2))
+                                walk[id(t)] = walk_to(trial, walk[id(t)], n, every_row, copies=walk_copies[group],
+                                                      batch_size=max(1, batch_size // 2))
                             layer_stats = forget_sum([capture_layer(
                                 trial, n, _training_pairs(data, t, train, copies=chain_copies[n], seed=seed, flip=flip,
                                                           batch_size=max(1, batch_size // 2),
