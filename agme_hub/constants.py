@@ -14,7 +14,8 @@ __all__ = [
     "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_REFIT_LAM", "UNDERDETERMINED_REFIT_LAM",
     "DEFAULT_INVERSION_STEPS",
     "DEFAULT_FOLDS", "DEEP_ENTRY_BLOCKS",
-    "DEFAULT_PROTECT_GRID", "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS", "MAX_KEY_DIM", "MIN_KEY_BLOCK",
+    "DEFAULT_PROTECT_GRID", "SELECTION_RULES", "SELECTION_BAR_MARGIN", "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS",
+    "MAX_KEY_DIM", "MIN_KEY_BLOCK",
     "BN_RECOMPUTE_BATCH", "BACKDOOR_SUSPECTED_EXIT_CODE", "cache_dir",
     "is_debug", "is_true",
 ]
@@ -58,6 +59,11 @@ DEEP_ENTRY_BLOCKS = 3
 # solves (with an eigendecomposition each) and moved no headline cell (docs/METHOD.md, issue 13); pass
 # protect_grid=(None, 0.9) to clean() to let the cross-validation choose it.
 DEFAULT_PROTECT_GRID: tuple[float | None, ...] = (None,)
+# How the cross-validation ranks its settings (engine/select.py): "score" weighs held-out CA, TA and ASR in one
+# number; "bar" puts the forgetting bar first (held-out ASR within D's natural confusion + SELECTION_BAR_MARGIN),
+# then keeps the most. docs/METHOD.md has the measurements behind the default.
+SELECTION_RULES = ("score", "bar")
+SELECTION_BAR_MARGIN = 0.02
 # no-BDK: the surrogate triggers reconstructed (engine/surrogates.py); the cross-validation chooses which to
 # forget: each alone or all together (docs/METHOD.md, issue 12).
 DEFAULT_SURROGATES = ("patch", "full")

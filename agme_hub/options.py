@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 
 from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_FOLDS, DEFAULT_GAMMA, DEFAULT_INVERSION_STEPS,
                         DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER, DEFAULT_REFIT_LAM,
-                        DEFAULT_SURROGATES, DEFAULT_TARGET_WEIGHT)
+                        DEFAULT_SURROGATES, DEFAULT_TARGET_WEIGHT, SELECTION_RULES)
 from .devices import check_device_spec
 from .errors import UsageError
 
@@ -69,6 +69,13 @@ class MethodOptions:
     protect_grid: tuple[float | None, ...] = _opt(
         DEFAULT_PROTECT_GRID, "Repair: the null-space constraints cross-validation tries (None: the weight alone).",
         group="Method", flag=False)
+    target_weight_grid: tuple[float, ...] | None = _opt(
+        None, "Repair: the target-class weights cross-validation tries (None: target_weight alone).", group="Method",
+        flag=False)
+    selection: str = _opt(
+        "score", "How cross-validation ranks its settings: score (held-out CA + TA/2 - 2 ASR) or bar (the best "
+        "CA + TA/2 among those whose held-out ASR is within D's own natural confusion + 2 pt; the lowest ASR if "
+        "none is).", group="Method", flag=False)
     surrogates: tuple[str, ...] = _opt(
         DEFAULT_SURROGATES, "no-BDK: the surrogate triggers reconstructed (patch: mask + pattern; full: a bounded "
         "full-image perturbation); cross-validation forgets each alone or all together.", group="Method", flag=False)
@@ -102,6 +109,14 @@ class MethodOptions:
         if not isinstance(self.protect_grid, (list, tuple)) or not self.protect_grid:
             raise UsageError(f"protect_grid must be a non-empty list, got {self.protect_grid!r}")
         object.__setattr__(self, "protect_grid", tuple(self.protect_grid))
+        if self.target_weight_grid is not None:
+            if not isinstance(self.target_weight_grid, (list, tuple)) or not self.target_weight_grid:
+                raise UsageError(f"target_weight_grid must be None or a non-empty list, got {self.target_weight_grid!r}")
+            for weight in self.target_weight_grid:
+                _check_number("target_weight_grid", weight, above=0.0)
+            object.__setattr__(self, "target_weight_grid", tuple(float(w) for w in self.target_weight_grid))
+        if self.selection not in SELECTION_RULES:
+            raise UsageError(f"selection must be one of {', '.join(SELECTION_RULES)}, got {self.selection!r}")
         kinds = (self.surrogates,) if isinstance(self.surrogates, str) else self.surrogates
         if not isinstance(kinds, (list, tuple)) or not kinds or any(k not in ("patch", "full") for k in kinds) \
                 or len(set(kinds)) != len(kinds):

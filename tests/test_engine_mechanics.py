@@ -132,3 +132,35 @@ def test_clean_is_deterministic(cifar):
     a, b = clean(model, cifar, **kwargs), clean(model, cifar, **kwargs)
     assert a.layers == b.layers and a.lam == b.lam
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_the_bar_rule_puts_forgetting_first():
+    """``selection="bar"``: among settings whose held-out ASR is within D's natural confusion + 2 pt, the most
+    CA + TA/2; the score would take a better-kept setting that leaves more of the backdoor."""
+    from agme_hub.engine.select import _pick, _score
+
+    rows = [dict(ca=ca, ta=ta, asr=asr, score=_score(ca, ta, asr), name=name)
+            for name, ca, ta, asr in (("kept", 0.82, 1.0, 0.08), ("forgot", 0.78, 0.6, 0.03), ("both", 0.79, 0.7, 0.04))]
+    assert _pick(rows, "score", natural=0.02)["name"] == "kept"
+    assert _pick(rows, "bar", natural=0.02)["name"] == "both"
+    assert _pick(rows, "bar", natural=0.0)["name"] == "forgot"  # none within the bar: the lowest ASR
+
+
+def test_clean_offers_the_target_weight_grid(cifar):
+    """Every weight of ``target_weight_grid`` is a row of the cross-validation's table; the edit ships with the
+    chosen one, and the result reports it."""
+    result = clean(_model("convnext_atto"), cifar, trigger="blend:alpha=0.2", target=3, augment_copies=1, seed=0,
+                   layers=["head.fc"], lam_grid=(0.1,), target_weight_grid=(4.0, 16.0), selection="bar")
+    assert {row["target_weight"] for row in result.selection.table} == {4.0, 16.0}
+    assert result.target_weight == result.selection.target_weight in (4.0, 16.0)
+    assert result.selection.rule == "bar"
+
+
+@pytest.mark.parametrize("bad", [dict(selection="best"), dict(target_weight_grid=(4.0, 0.0)),
+                                 dict(target_weight_grid=())])
+def test_bad_selection_options_are_refused(bad):
+    from agme_hub.errors import UsageError
+    from agme_hub.options import MethodOptions
+
+    with pytest.raises(UsageError):
+        MethodOptions(**bad)

@@ -191,6 +191,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *,
                            batch_size=batch, surrogates=chosen.surrogates, edited=False)
     layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight, batch=batch,
                             progress=progress, replay=replay)
+    if layers.selection is not None:  # the weight the cross-validation chose, where it was offered several
+        weight = layers.selection.target_weight
     final_stats, w0, final_seconds = _final_edit(edited, original, data, chosen, layers, method=method,
                                                  preprocess=preprocess, weight=weight, batch=batch, progress=progress,
                                                  replay=replay)
@@ -291,7 +293,9 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
         model, data, chosen.forget, chosen.target, preprocess, groups, grid, gamma=method.gamma, target_weight=weight,
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
         protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay, refit=refit,
-        batch_size=batch, progress=progress)
+        batch_size=batch, progress=progress,
+        weights=tuple(method.target_weight_grid) if method.repair and method.target_weight_grid else None,
+        rule=method.selection)
     return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
                         candidates=candidates, captured=captured, boundaries=boundaries,
                         seconds=time.perf_counter() - start, capture_seconds=capture_seconds,

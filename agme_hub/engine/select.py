@@ -17,13 +17,17 @@ of D.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..constants import SELECTION_BAR_MARGIN
 from ..data import ImageSet, Preprocessor
 from ..devices import model_device, stats_device
 from ..progress import ProgressCallback, StageCounter
@@ -70,10 +74,13 @@ class Selection:
     table: list[dict[str, float | str | None]]  # one row per (group, lam, protect): held-out CA, TA, ASR, score
     protect: float | None = None  # the repair's null-space constraint (edit.solve_edit), None = the weight only
     forget: str = "given"  # the set of triggers forgotten: "given", or surrogates such as "patch", "patch+full"
+    rule: str = "score"  # how the rows were ranked (_pick)
+    natural: float = 0.0  # rule "bar": D's natural confusion, the bar's base
 
     def describe(self) -> str:
         best = next(r for r in self.table if r["group"] == self.group and r["lam"] == self.lam
-                    and r.get("protect") == self.protect and r.get("forget", "given") == self.forget)
+                    and r.get("protect") == self.protect and r.get("forget", "given") == self.forget
+                    and r.get("target_weight", self.target_weight) == self.target_weight)
         protected = f", target keys protected to {self.protect:g} of their energy" if self.protect else ""
         forgets = "" if self.forget == "given" else f", forgetting the {self.forget} surrogate(s)"
         asr = "ASR" if self.forget == "given" else "surrogate ASR"
@@ -97,13 +104,29 @@ def _score(ca: float, ta: float, asr: float) -> float:
     return ca + 0.5 * ta - 2.0 * asr
 
 
+def _pick(table: list[dict[str, Any]], rule: str, natural: float) -> dict[str, Any]:
+    """The chosen row; among equals the first (the table's order: first forget set, shallow group, small lam).
+
+    ``score``: the best :func:`_score`. ``bar``: the forgetting bar first, as the issue's bench judges a cell
+    (held-out ASR within D's own natural confusion + :data:`SELECTION_BAR_MARGIN`), then the most CA + TA/2 kept;
+    where no setting reaches the bar, the lowest ASR."""
+    if rule == "score":
+        return max(table, key=lambda r: r["score"])
+    within = [r for r in table if r["asr"] <= natural + SELECTION_BAR_MARGIN + 1e-9]
+    if within:
+        return max(within, key=lambda r: (r["ca"] + 0.5 * r["ta"], r["score"]))
+    return min(table, key=lambda r: (r["asr"], -r["score"]))
+
+
 def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tuple[Trigger, ...]], target: int,
                     preprocess: Preprocessor, groups: dict[str, list[str]], lams: tuple[float, ...], *,
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
                     flip: bool, protects: tuple[float | None, ...] = (None,), replay: bool = True,
-                    refit: RefitTrial | None = None, batch_size: int = 512, progress: ProgressCallback | None = None
+                    refit: RefitTrial | None = None, batch_size: int = 512, progress: ProgressCallback | None = None,
+                    weights: tuple[float, ...] | None = None, rule: str = "score"
                     ) -> tuple[Selection, float, dict[str, GramStats], dict[int, CachedBoundary]]:
-    """Leave-one-fold-out over (forget set, group, lam, protect); a fold's statistics are subtracted from the total.
+    """Leave-one-fold-out over (forget set, group, lam, protect, weight); a fold's statistics are subtracted from the
+    total.
 
     ``forget`` names the sets of triggers an edit may forget together (one set, ``{"given": (trigger,)}``, with
     backdoor knowledge). The held-out ASR is the mean over every trigger of every set, whichever set the edit
@@ -112,7 +135,10 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     trigger (``id(trigger)``), when they were kept (see :data:`KEEP_COPIES_BYTES`). ``replay=False`` runs the
     whole network for every prediction (the reference). ``refit``: the classifier's re-fit that follows an edit
     of a group without it, run in each trial on the other folds' pairs. ``batch_size``: images per forward pass.
+    ``weights``: the target-class weights tried (``None``: ``target_weight`` alone); ``rule``: how the rows are
+    ranked (:func:`_pick`).
     """
+    weights = tuple(weights) if weights else (target_weight,)
     fold_of = _stratified_folds(data.labels, folds, seed)
     names = list(dict.fromkeys(n for group in groups.values() for n in group))
     triggers = list({id(t): t for members in forget.values() for t in members}.values())
@@ -182,8 +208,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     refit_probe = next((p for t, p in zip(triggers, probes) if refit is not None and t is refit.trigger), None)
     refit_original = (_original_keys(model, refit.head, data, preprocess, batch_size)
                       if refit_probe is not None and any(refit.head not in g for g in groups.values()) else None)
-    trials = StageCounter(progress, "selection", len(forget) * len(groups) * len(lams) * len(protects) * folds,
-                          "trial edits")
+    trials = StageCounter(progress, "selection",
+                          len(forget) * len(groups) * len(lams) * len(protects) * len(weights) * folds, "trial edits")
     for forget_name in forget:
         for group, layer_names in groups.items():
             boundary = cached.get(group)
@@ -192,7 +218,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
             trial.load_state_dict(model.state_dict())
             w0 = {n: editable_layer(model, n).weight_matrix() for n in layer_names}
             refits = refit_probe is not None and refit.head not in layer_names
-            for lam, protect in ((lam, protect) for lam in lams for protect in protects):
+            for lam, protect, weight in itertools.product(lams, protects, weights):
+                trial_refit = dataclasses.replace(refit, target_weight=weight) if refits else None
                 clean_pred = np.empty(len(data), np.int64)
                 probe_pred = np.empty((len(probes), len(data)), np.int64)
                 for fold in range(folds):
@@ -217,10 +244,10 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                                 for t in forget[forget_name]])
                         else:
                             layer_stats = totals[forget_name][n] - stats[forget_name][n][fold]
-                        apply_edit(trial, {n: layer_stats}, lam=lam, gamma=gamma, target_weight=target_weight,
+                        apply_edit(trial, {n: layer_stats}, lam=lam, gamma=gamma, target_weight=weight,
                                    protect=protect, original=w0)
                     if refits:
-                        _refit_in_trial(trial, model, refit, data, refit_probe, refit_original, train, target,
+                        _refit_in_trial(trial, model, trial_refit, data, refit_probe, refit_original, train, target,
                                         preprocess, walk[id(refit.trigger)] if boundary else None,
                                         max(1, batch_size // 2))
                     if boundary is not None:
@@ -237,13 +264,15 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                 ca = float((clean_pred == data.labels).mean())
                 ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
                 asr = float((probe_pred[:, ~is_target] == target).mean()) if (~is_target).any() else 0.0
-                table.append({"forget": forget_name, "group": group, "lam": lam, "protect": protect, "ca": ca,
-                              "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
-    # first best wins: the first forget set, entry before blocks, neck and classifier, small lam first
-    best = max(table, key=lambda r: r["score"])
+                table.append({"forget": forget_name, "group": group, "lam": lam, "protect": protect,
+                              "target_weight": weight, "ca": ca, "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
+    # the bar's natural confusion: clean non-target images of D the model already sends to the target
+    natural = (float((predict(model, data.images[~is_target], preprocess, batch_size=batch_size) == target).mean())
+               if rule == "bar" and (~is_target).any() else 0.0)
+    best = _pick(table, rule, natural)
     selection = Selection(group=str(best["group"]), layers=groups[str(best["group"])], lam=float(best["lam"]),
-                          target_weight=target_weight, folds=folds, table=table, protect=best["protect"],
-                          forget=str(best["forget"]))
+                          target_weight=float(best["target_weight"]), folds=folds, table=table,
+                          protect=best["protect"], forget=str(best["forget"]), rule=rule, natural=natural)
     chosen = {key: c for key, c in cached.get(selection.group, {}).items() if len(c.clean) == copies + 1}
     return selection, capture_seconds, totals[selection.forget], chosen
 

@@ -1,0 +1,52 @@
+"""The cross-validation's selection with the bar first and the repair weight offered (issue 13).
+
+    PYTHONPATH=$PWD python benchmarks/bar_selection_study.py bench-mobilenetv3-blend bench-efficientnet-badnets-white-br
+
+MODEL as in ``repair2_study.py`` (the bench's cached models, D = 10 images per class, 100 other held-out images
+per class); trigger known. ``default``: the engine as it ships (``selection="score"``, w_t = 4). ``bar``:
+``selection="bar"`` (the settings whose fold ASR is within D's natural confusion + 2 pt, then the most CA + TA/2)
+with ``target_weight_grid=(4, 9, 16, 32)``. CA / ASR / TA on the held-out images, and the held-out natural
+confusion (the bar is it + 2 pt); the held-out numbers choose nothing.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from repair2_study import setting  # noqa: E402
+
+from agme_hub.data import Preprocessor, load_images  # noqa: E402
+from agme_hub.engine import clean, evaluate  # noqa: E402
+from agme_hub.engine.metrics import predict  # noqa: E402
+
+VARIANTS = {"default": {}, "bar": dict(selection="bar", target_weight_grid=(4.0, 9.0, 16.0, 32.0))}
+
+
+def pct(metrics) -> str:
+    return (f"{100 * metrics.clean_accuracy:.1f} / {100 * metrics.attack_success_rate:.1f} / "
+            f"{100 * metrics.target_accuracy:.1f}")
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(1)
+    test = load_images("fashion-mnist", split="test")
+    for name in names:
+        model, trigger, target, edit, held = setting(name, test)
+        others = held.images[held.labels != target]
+        natural = float((predict(model, others, Preprocessor.from_model(model)) == target).mean())
+        print(f"{name}: before {pct(evaluate(model, held, trigger, target))}, natural confusion "
+              f"{100 * natural:.1f}", flush=True)
+        for label, overrides in VARIANTS.items():
+            start = time.perf_counter()
+            result = clean(model, edit, trigger=trigger, target=target, seed=0, **overrides)
+            print(f"  {label}: {pct(evaluate(result.model, held, trigger, target))}; {','.join(result.layers)} "
+                  f"lam {result.lam} w_t {result.target_weight:g}; {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
