@@ -18,18 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from repair2_study import setting  # noqa: E402
+from repair2_study import ca_asr_ta as pct, setting  # noqa: E402
 
 from agme_hub.data import Preprocessor, load_images  # noqa: E402
 from agme_hub.engine import clean, evaluate  # noqa: E402
 from agme_hub.engine.metrics import predict  # noqa: E402
 
 VARIANTS = {"default": {}, "bar": dict(selection="bar", target_weight_grid=(4.0, 9.0, 16.0, 32.0))}
-
-
-def pct(metrics) -> str:
-    return (f"{100 * metrics.clean_accuracy:.1f} / {100 * metrics.attack_success_rate:.1f} / "
-            f"{100 * metrics.target_accuracy:.1f}")
 
 
 def main(names: list[str]) -> None:

@@ -50,6 +50,11 @@ def setting(name: str, test):
     return model, parse_trigger(spec), 0, edit, held
 
 
+def ca_asr_ta(metrics) -> str:
+    """``CA / ASR / TA`` in percent, as the studies' tables print them."""
+    return (f"{100 * metrics.clean_accuracy:.1f} / {100 * metrics.attack_success_rate:.1f} / "
+            f"{100 * metrics.target_accuracy:.1f}")
+
 def refit(edited, original, edit, trigger, target, pre, *, lam, gamma=1.0, target_weight=4.0):
     """The second pass on the classifier (engine/repair.py), on D plus 9 augmented copies."""
     head = original.get_classifier() if hasattr(original, "get_classifier") else None

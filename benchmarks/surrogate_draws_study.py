@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from repair2_study import setting  # noqa: E402
+from repair2_study import ca_asr_ta as pct, setting  # noqa: E402
 
 from agme_hub.data import load_images  # noqa: E402
 from agme_hub.engine import clean, evaluate  # noqa: E402
@@ -35,11 +35,6 @@ def two_draws(model, data, target, kinds, *, steps, seed=0, patch=None, eval_bat
     second = ONE_DRAW(model, data, target, kinds, steps=steps, seed=seed + 1, eval_batch_size=eval_batch_size)
     out.update({f"{kind}2": surrogate for kind, surrogate in second.items()})
     return out
-
-
-def pct(metrics) -> str:
-    return (f"{100 * metrics.clean_accuracy:.1f} / {100 * metrics.attack_success_rate:.1f} / "
-            f"{100 * metrics.target_accuracy:.1f}")
 
 
 def main(names: list[str]) -> None:
