@@ -22,7 +22,7 @@ from repair2_study import ca_asr_ta as pct, setting  # noqa: E402
 
 from agme_hub.data import Preprocessor, load_images  # noqa: E402
 from agme_hub.engine import clean, evaluate  # noqa: E402
-from agme_hub.engine.metrics import predict  # noqa: E402
+from agme_hub.engine.metrics import natural_confusion  # noqa: E402
 
 VARIANTS = {"default": {}, "bar": dict(selection="bar", target_weight_grid=(4.0, 9.0, 16.0, 32.0))}
 
@@ -32,8 +32,7 @@ def main(names: list[str]) -> None:
     test = load_images("fashion-mnist", split="test")
     for name in names:
         model, trigger, target, edit, held = setting(name, test)
-        others = held.images[held.labels != target]
-        natural = float((predict(model, others, Preprocessor.from_model(model)) == target).mean())
+        natural = natural_confusion(model, held, Preprocessor.from_model(model), target)
         print(f"{name}: before {pct(evaluate(model, held, trigger, target))}, natural confusion "
               f"{100 * natural:.1f}", flush=True)
         for label, overrides in VARIANTS.items():

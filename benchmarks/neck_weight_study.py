@@ -20,7 +20,7 @@ from repair2_study import ca_asr_ta, setting  # noqa: E402
 
 from agme_hub.data import Preprocessor, load_images  # noqa: E402
 from agme_hub.engine import clean, evaluate  # noqa: E402
-from agme_hub.engine.metrics import predict  # noqa: E402
+from agme_hub.engine.metrics import natural_confusion  # noqa: E402
 
 WEIGHTS = (4.0, 9.0, 16.0, 32.0)
 
@@ -30,8 +30,7 @@ def main(names: list[str]) -> None:
     test = load_images("fashion-mnist", split="test")
     for name in names:
         model, trigger, target, edit, held = setting(name, test)
-        others = held.images[held.labels != target]
-        natural = float((predict(model, others, Preprocessor.from_model(model)) == target).mean())
+        natural = natural_confusion(model, held, Preprocessor.from_model(model), target)
         print(f"{name}: before {ca_asr_ta(evaluate(model, held, trigger, target))}, natural confusion "
               f"{100 * natural:.1f}", flush=True)
         for weight in WEIGHTS:

@@ -294,7 +294,7 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
         protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay, refit=refit,
         batch_size=batch, progress=progress,
-        weights=tuple(method.target_weight_grid) if method.repair and method.target_weight_grid else None,
+        weights=method.target_weight_grid if method.repair else None,
         rule=method.selection)
     return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
                         candidates=candidates, captured=captured, boundaries=boundaries,

@@ -36,7 +36,7 @@ from .capture import capture_activations
 from .classifier import logits_of
 from .edit import GramStats, PairBatch, apply_edit, augmented_pairs, collect_stats, forget_sum
 from .layers import editable_layer
-from .metrics import predict
+from .metrics import natural_confusion, predict
 from .repair import collect_refit_stats, solve_refit
 from .replay import CachedBoundary, Replay, deeper_boundaries, plan_replay, reads_from
 
@@ -75,7 +75,6 @@ class Selection:
     protect: float | None = None  # the repair's null-space constraint (edit.solve_edit), None = the weight only
     forget: str = "given"  # the set of triggers forgotten: "given", or surrogates such as "patch", "patch+full"
     rule: str = "score"  # how the rows were ranked (_pick)
-    natural: float = 0.0  # rule "bar": D's natural confusion, the bar's base
 
     def describe(self) -> str:
         best = next(r for r in self.table if r["group"] == self.group and r["lam"] == self.lam
@@ -266,13 +265,12 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                 asr = float((probe_pred[:, ~is_target] == target).mean()) if (~is_target).any() else 0.0
                 table.append({"forget": forget_name, "group": group, "lam": lam, "protect": protect,
                               "target_weight": weight, "ca": ca, "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
-    # the bar's natural confusion: clean non-target images of D the model already sends to the target
-    natural = (float((predict(model, data.images[~is_target], preprocess, batch_size=batch_size) == target).mean())
-               if rule == "bar" and (~is_target).any() else 0.0)
+    # the bar's base: the clean non-target images of D the model already sends to the target
+    natural = natural_confusion(model, data, preprocess, target, batch_size=batch_size) if rule == "bar" else 0.0
     best = _pick(table, rule, natural)
     selection = Selection(group=str(best["group"]), layers=groups[str(best["group"])], lam=float(best["lam"]),
                           target_weight=float(best["target_weight"]), folds=folds, table=table,
-                          protect=best["protect"], forget=str(best["forget"]), rule=rule, natural=natural)
+                          protect=best["protect"], forget=str(best["forget"]), rule=rule)
     chosen = {key: c for key, c in cached.get(selection.group, {}).items() if len(c.clean) == copies + 1}
     return selection, capture_seconds, totals[selection.forget], chosen
 
