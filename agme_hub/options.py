@@ -49,7 +49,9 @@ class MethodOptions:
     lam: float | None = _opt(None, "Ridge of the edit (scale-free); default: chosen by cross-validation.",
                              group="Method")
     gamma: float = _opt(DEFAULT_GAMMA, "Weight of the forget term against the preserve term.", group="Method")
-    target_weight: float = _opt(DEFAULT_TARGET_WEIGHT, "Repair: weight of clean target-class images.", group="Method")
+    target_weight: float = _opt(DEFAULT_TARGET_WEIGHT, "Repair: weight of clean target-class images (left at 4 with "
+                                "the trigger known: the cross-validation chooses among 4, 9, 16 and 32).",
+                                group="Method")
     refit_classifier: bool = _opt(DEFAULT_REFIT_CLASSIFIER, "Repair: after an edit upstream of the classifier, re-fit "
                                   "the classifier to the original outputs (forget pairs kept).", group="Method")
     refit_lam: float = _opt(DEFAULT_REFIT_LAM, "Repair: ridge of the classifier re-fit (scale-free, as lam); at "
@@ -70,8 +72,9 @@ class MethodOptions:
         DEFAULT_PROTECT_GRID, "Repair: the null-space constraints cross-validation tries (None: the weight alone).",
         group="Method", flag=False)
     target_weight_grid: tuple[float, ...] | None = _opt(
-        None, "Repair: the target-class weights cross-validation tries (None: target_weight alone).", group="Method",
-        flag=False)
+        None, "Repair: the target-class weights cross-validation tries (None: with the trigger known and "
+        "target_weight at its default, constants.DEFAULT_TARGET_WEIGHT_GRID; otherwise target_weight alone).",
+        group="Method", flag=False)
     selection: str = _opt(
         "score", "How cross-validation ranks its settings: score (held-out CA + TA/2 - 2 ASR) or bar (the best "
         "CA + TA/2 among those whose held-out ASR is within D's own natural confusion + 2 pt; the lowest ASR if "
@@ -79,6 +82,10 @@ class MethodOptions:
     surrogates: tuple[str, ...] = _opt(
         DEFAULT_SURROGATES, "no-BDK: the surrogate triggers reconstructed (patch: mask + pattern; full: a bounded "
         "full-image perturbation); cross-validation forgets each alone or all together.", group="Method", flag=False)
+    held_out_surrogates: bool = _opt(
+        False, "no-BDK: also reconstruct a second draw of the surrogates (seed + 1), never forgotten; the "
+        "cross-validation's ASR is the second draw's held-out success, so a chosen edit forgets a trigger it was not "
+        "built from.", group="Method", flag=False)
 
     def __post_init__(self) -> None:
         # Python callers pass lists (layers=["fc"]); keep tuples so the options stay hashable and comparable.
@@ -88,7 +95,7 @@ class MethodOptions:
         if not isinstance(self.lam_grid, (list, tuple)) or not self.lam_grid:
             raise UsageError(f"lam_grid must be a non-empty list of numbers, got {self.lam_grid!r}")
         object.__setattr__(self, "lam_grid", tuple(self.lam_grid))
-        for name in ("repair", "flip", "refit_classifier"):
+        for name in ("repair", "flip", "refit_classifier", "held_out_surrogates"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{_label(name)} must be true or false, got {getattr(self, name)!r}")
         if self.lam is not None:

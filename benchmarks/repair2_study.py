@@ -50,6 +50,33 @@ def setting(name: str, test):
     return model, parse_trigger(spec), 0, edit, held
 
 
+def fixed_setting(spec: str, test):
+    """``MODEL:GROUP:LAM``: the model's setting, its preprocessor, the group's layers, lam, the classifier's name
+    and the natural confusion of the held-out images (as the fixed-layer studies read it)."""
+    from agme_hub.engine import inspect_layers
+    from agme_hub.engine.layers import classifier_name
+
+    name, group, lam = spec.split(":")
+    model, trigger, target, edit, held = setting(name, test)
+    pre = Preprocessor.from_model(model)
+    layers = list(inspect_layers(model).groups[group])
+    head = classifier_name(model, pre(edit.images[:2]))
+    floor = float((predict(model, held.images[held.labels != target], pre) == target).mean())
+    return name, model, trigger, target, edit, held, pre, layers, float(lam), head, floor
+
+
+def each_model(names: list[str]):
+    """One torch thread; per MODEL its setting, after printing its CA / ASR / TA before any edit."""
+    from agme_hub.engine import evaluate
+
+    torch.set_num_threads(1)
+    test = load_images("fashion-mnist", split="test")
+    for name in names:
+        model, trigger, target, edit, held = setting(name, test)
+        print(f"{name}: before {ca_asr_ta(evaluate(model, held, trigger, target))}", flush=True)
+        yield name, model, trigger, target, edit, held
+
+
 def ca_asr_ta(metrics) -> str:
     """``CA / ASR / TA`` in percent, as the studies' tables print them."""
     return (f"{100 * metrics.clean_accuracy:.1f} / {100 * metrics.attack_success_rate:.1f} / "

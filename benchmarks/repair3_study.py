@@ -18,13 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from repair2_study import setting  # noqa: E402  (the same models and splits as the second round)
+from repair2_study import fixed_setting  # noqa: E402  (the same models and splits as the second round)
 
-from agme_hub.data import Preprocessor, load_images  # noqa: E402
-from agme_hub.engine import inspect_layers  # noqa: E402
+from agme_hub.data import load_images  # noqa: E402
 from agme_hub.engine.edit import apply_edit, augmented_pairs, collect_stats  # noqa: E402
-from agme_hub.engine.layers import classifier_name, editable_layer  # noqa: E402
-from agme_hub.engine.metrics import measure, predict  # noqa: E402
+from agme_hub.engine.layers import editable_layer  # noqa: E402
+from agme_hub.engine.metrics import measure  # noqa: E402
 from agme_hub.engine.repair import collect_refit_stats, solve_refit  # noqa: E402
 
 
@@ -43,17 +42,10 @@ def main(specs: list[str], second: bool = False) -> None:
     torch.set_num_threads(1)
     test = load_images("fashion-mnist", split="test")
     for spec in specs:
-        name, group, lam = spec.split(":")
-        lam = float(lam)
-        model, trigger, target, edit, held = setting(name, test)
-        pre = Preprocessor.from_model(model)
-        layers = list(inspect_layers(model).groups[group])
-        head = classifier_name(model, pre(edit.images[:2]))
+        name, model, trigger, target, edit, held, pre, layers, lam, head, floor = fixed_setting(spec, test)
         order = editable_names(model)
         first = min(map(order.index, layers))
         before_head = [n for n in order[first:order.index(head)] if n not in layers]  # maps between edit and head
-        others = held.images[held.labels != target]
-        floor = float((predict(model, others, pre) == target).mean())
 
         def pairs():
             return augmented_pairs(edit.images, edit.labels, trigger, copies=9, seed=0)

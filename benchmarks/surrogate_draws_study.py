@@ -16,13 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from repair2_study import ca_asr_ta as pct, setting  # noqa: E402
+from repair2_study import ca_asr_ta as pct, each_model  # noqa: E402
 
-from agme_hub.data import load_images  # noqa: E402
 from agme_hub.engine import clean, evaluate  # noqa: E402
 from agme_hub.engine import surrogates as surrogate_module  # noqa: E402
 
@@ -38,11 +35,7 @@ def two_draws(model, data, target, kinds, *, steps, seed=0, patch=None, eval_bat
 
 
 def main(names: list[str]) -> None:
-    torch.set_num_threads(1)
-    test = load_images("fashion-mnist", split="test")
-    for name in names:
-        model, trigger, target, edit, held = setting(name, test)
-        print(f"{name}: before {pct(evaluate(model, held, trigger, target))}", flush=True)
+    for name, model, trigger, target, edit, held in each_model(names):
         for label, reconstruct in (("default", ONE_DRAW), ("two-draws", two_draws)):
             ENGINE.reconstruct_surrogates = reconstruct
             start = time.perf_counter()

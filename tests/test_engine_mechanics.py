@@ -156,6 +156,21 @@ def test_clean_offers_the_target_weight_grid(cifar):
     assert result.selection.rule == "bar"
 
 
+def test_with_the_trigger_known_the_weights_are_offered_unless_one_is_set(cifar):
+    """The default grid (constants.DEFAULT_TARGET_WEIGHT_GRID) is tried with the trigger known; a target_weight the
+    caller set is the only one tried, and without the repair the weight is 1."""
+    from agme_hub.constants import DEFAULT_TARGET_WEIGHT_GRID
+
+    kwargs = dict(trigger="blend:alpha=0.2", target=3, augment_copies=1, seed=0, layers=["head.fc"], lam_grid=(0.1,))
+    model = _model("convnext_atto")
+    offered = clean(model, cifar, **kwargs)
+    assert {row["target_weight"] for row in offered.selection.table} == set(DEFAULT_TARGET_WEIGHT_GRID)
+    assert offered.target_weight in DEFAULT_TARGET_WEIGHT_GRID
+    fixed = clean(model, cifar, target_weight=8.0, **kwargs)
+    assert {row["target_weight"] for row in fixed.selection.table} == {8.0} and fixed.target_weight == 8.0
+    assert {row["target_weight"] for row in clean(model, cifar, repair=False, **kwargs).selection.table} == {1.0}
+
+
 @pytest.mark.parametrize("bad", [dict(selection="best"), dict(target_weight_grid=(4.0, 0.0)),
                                  dict(target_weight_grid=())])
 def test_bad_selection_options_are_refused(bad):
@@ -164,3 +179,31 @@ def test_bad_selection_options_are_refused(bad):
 
     with pytest.raises(UsageError):
         MethodOptions(**bad)
+
+
+def test_held_out_surrogates_score_the_trials_and_are_never_forgotten(cifar):
+    """``scored`` triggers (no-BDK's held-out surrogates) are captured like the forgotten ones, but the table's ASR is
+    theirs alone: a scored copy of the forgotten trigger scores as it does; a trigger that turns every image into
+    one and the same image gives every non-target row one prediction, so each trial's ASR is 0 or 1."""
+    import numpy as np
+
+    from agme_hub.engine.select import _cross_validate
+    from agme_hub.triggers import parse_trigger
+
+    class OneImage:  # every image becomes the first image of D
+        applies_to_any_image = True
+
+        def apply(self, images: np.ndarray) -> np.ndarray:
+            return np.broadcast_to(cifar.images[:1], images.shape).copy()
+
+    model = _model("convnext_atto")
+    preprocess = Preprocessor.from_model(model)
+    blend = parse_trigger("blend:alpha=0.2")
+    common = dict(forget={"given": (blend,)}, target=3, preprocess=preprocess, groups={"head": ["head.fc"]},
+                  lams=(0.01, 1.0), gamma=1.0, target_weight=4.0, copies=1, folds=2, seed=0, flip=False)
+    plain = _cross_validate(model, cifar, **common)[0].table
+    same = _cross_validate(model, cifar, **common, scored=(parse_trigger("blend:alpha=0.2"),))[0].table
+    fixed = _cross_validate(model, cifar, **common, scored=(OneImage(),))[0]
+    assert [row["asr"] for row in same] == [row["asr"] for row in plain]
+    assert {row["asr"] for row in fixed.table} <= {0.0, 1.0}
+    assert fixed.forget == "given" and {row["forget"] for row in fixed.table} == {"given"}

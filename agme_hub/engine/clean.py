@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import DEFAULT_TARGET_WEIGHT, DEFAULT_TARGET_WEIGHT_GRID
 from ..data import ImageSet, Preprocessor
 from ..devices import model_device, pick_batch_size, resolve_device
 from ..errors import ClassMismatchError, DataError
@@ -105,6 +106,7 @@ class _TriggerChoice:
     seconds: float | None
     forget: dict[str, tuple[Trigger, ...]]  # the sets of triggers an edit may forget together (one when given)
     surrogates: tuple[Surrogate, ...] = ()
+    scored: tuple[Trigger, ...] = ()  # held-out surrogates: the cross-validation's ASR, never forgotten
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,7 +241,8 @@ def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigg
     patch = None
     # detection costs about three inversions (a joint screening of every class, then the two leaders in full),
     # and its patch surrogate of the detected class is reused
-    runs = len(method.surrogates) + (3 - int("patch" in method.surrogates) if target is None else 0)
+    runs = len(method.surrogates) * (2 if method.held_out_surrogates else 1) + (
+        3 - int("patch" in method.surrogates) if target is None else 0)
     steps = StageCounter(progress, "inversion", runs * method.inversion_steps, "steps")
     if target is None:
         detection = detect_target_fast(model, data, steps=method.inversion_steps, seed=method.seed,
@@ -252,9 +255,14 @@ def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigg
                                   detection=detection, seconds=time.perf_counter() - start, forget={})
     surrogates = reconstruct_surrogates(model, data, target, method.surrogates, steps=method.inversion_steps,
                                         seed=method.seed, patch=patch, eval_batch_size=batch, progress=steps)
+    scored: tuple[Surrogate, ...] = ()
+    if method.held_out_surrogates:  # another draw of each kind, to score the trials with a trigger they did not forget
+        scored = tuple(reconstruct_surrogates(model, data, target, method.surrogates, steps=method.inversion_steps,
+                                              seed=method.seed + 1, eval_batch_size=batch, progress=steps).values())
     return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=next(iter(surrogates.values())).trigger,
                           target=target, detection=detection, seconds=time.perf_counter() - start,
-                          forget=forget_sets(surrogates), surrogates=tuple(surrogates.values()))
+                          forget=forget_sets(surrogates), surrogates=tuple(surrogates.values()),
+                          scored=tuple(s.trigger for s in scored))
 
 
 def _pick_target_from_trigger(model: torch.nn.Module, data: ImageSet, trigger: Trigger,
@@ -294,12 +302,23 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
         protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay, refit=refit,
         batch_size=batch, progress=progress,
-        weights=method.target_weight_grid if method.repair else None,
-        rule=method.selection)
+        weights=_weight_grid(method, chosen),
+        rule=method.selection, scored=chosen.scored)
     return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
                         candidates=candidates, captured=captured, boundaries=boundaries,
                         seconds=time.perf_counter() - start, capture_seconds=capture_seconds,
                         forget=chosen.forget[selection.forget])
+
+
+def _weight_grid(method: MethodOptions, chosen: _TriggerChoice) -> tuple[float, ...] | None:
+    """The repair weights the cross-validation tries (None: the weight alone); a weight the caller set is kept."""
+    if not method.repair:
+        return None
+    if method.target_weight_grid is not None:
+        return method.target_weight_grid
+    if chosen.mode == "bdk" and method.target_weight == DEFAULT_TARGET_WEIGHT:
+        return DEFAULT_TARGET_WEIGHT_GRID
+    return None
 
 
 def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,

@@ -122,8 +122,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
                     flip: bool, protects: tuple[float | None, ...] = (None,), replay: bool = True,
                     refit: RefitTrial | None = None, batch_size: int = 512, progress: ProgressCallback | None = None,
-                    weights: tuple[float, ...] | None = None, rule: str = "score"
-                    ) -> tuple[Selection, float, dict[str, GramStats], dict[int, CachedBoundary]]:
+                    weights: tuple[float, ...] | None = None, rule: str = "score",
+                    scored: tuple[Trigger, ...] = ()) -> tuple[Selection, float, dict[str, GramStats], dict[int, CachedBoundary]]:
     """Leave-one-fold-out over (forget set, group, lam, protect, weight); a fold's statistics are subtracted from the
     total.
 
@@ -135,12 +135,14 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     whole network for every prediction (the reference). ``refit``: the classifier's re-fit that follows an edit
     of a group without it, run in each trial on the other folds' pairs. ``batch_size``: images per forward pass.
     ``weights``: the target-class weights tried (``None``: ``target_weight`` alone); ``rule``: how the rows are
-    ranked (:func:`_pick`).
+    ranked (:func:`_pick`). ``scored``: triggers never forgotten whose held-out success is then the ASR (no-BDK's
+    held-out surrogates); their pairs are captured like the others'.
     """
     weights = tuple(weights) if weights else (target_weight,)
     fold_of = _stratified_folds(data.labels, folds, seed)
     names = list(dict.fromkeys(n for group in groups.values() for n in group))
-    triggers = list({id(t): t for members in forget.values() for t in members}.values())
+    triggers = list({id(t): t for members in forget.values() for t in (*members, *scored)}.values())
+    asr_rows = [i for i, t in enumerate(triggers) if not scored or any(t is s for s in scored)]
     probes = [t.apply(data.images) for t in triggers]
     start = time.perf_counter()
     device = model_device(model)
@@ -262,7 +264,7 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     trials.advance()
                 ca = float((clean_pred == data.labels).mean())
                 ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
-                asr = float((probe_pred[:, ~is_target] == target).mean()) if (~is_target).any() else 0.0
+                asr = float((probe_pred[asr_rows][:, ~is_target] == target).mean()) if (~is_target).any() else 0.0
                 table.append({"forget": forget_name, "group": group, "lam": lam, "protect": protect,
                               "target_weight": weight, "ca": ca, "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
     # the bar's base: the clean non-target images of D the model already sends to the target
