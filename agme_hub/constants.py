@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = [
     "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REPORT_NAME", "PICKLE_WEIGHTS_NAMES",
     "AGME_MARKER", "DEFAULT_LAM_GRID", "DEFAULT_GAMMA", "DEFAULT_AUGMENT_COPIES",
-    "DEFAULT_TARGET_WEIGHT", "DEFAULT_TARGET_WEIGHT_GRID", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_REFIT_LAM", "UNDERDETERMINED_REFIT_LAM",
+    "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_REFIT_LAM", "UNDERDETERMINED_REFIT_LAM",
     "DEFAULT_INVERSION_STEPS",
     "DEFAULT_FOLDS", "DEEP_ENTRY_BLOCKS",
     "DEFAULT_PROTECT_GRID", "SELECTION_RULES", "SELECTION_BAR_MARGIN", "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS",
@@ -37,12 +37,6 @@ DEFAULT_LAM_GRID = (0.001, 0.01, 0.1, 1.0)
 DEFAULT_GAMMA = 1.0
 DEFAULT_AUGMENT_COPIES = 9
 DEFAULT_TARGET_WEIGHT = 4.0  # repair: weight of the preserve term of clean target-class images
-# Repair with the trigger known: the weights the cross-validation tries when target_weight is left at its default
-# (one weight is right for no model family: the neck chain of MobileNetV3 keeps its target class at 9-32, a
-# ResNet's entry edit at 4). On 20 bench models: TA +4.3 pt, CA +0.4, ASR +0.2, cells within the bar 14 -> 14, at
-# 3-4x the selection's time (docs/METHOD.md, stop 23). Without the trigger the weight stays DEFAULT_TARGET_WEIGHT:
-# not measured there, and every weight multiplies the no-BDK selection's trials.
-DEFAULT_TARGET_WEIGHT_GRID = (4.0, 9.0, 16.0, 32.0)
 # repair: re-fit the classifier after an edit upstream of it (engine/repair.py), with its own small ridge: TA up
 # on the demo and three bench models, ASR within the natural confusion + 2 pt (docs/METHOD.md, issue 13, third round)
 DEFAULT_REFIT_CLASSIFIER = True

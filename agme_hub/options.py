@@ -49,9 +49,7 @@ class MethodOptions:
     lam: float | None = _opt(None, "Ridge of the edit (scale-free); default: chosen by cross-validation.",
                              group="Method")
     gamma: float = _opt(DEFAULT_GAMMA, "Weight of the forget term against the preserve term.", group="Method")
-    target_weight: float = _opt(DEFAULT_TARGET_WEIGHT, "Repair: weight of clean target-class images (left at 4 with "
-                                "the trigger known: the cross-validation chooses among 4, 9, 16 and 32).",
-                                group="Method")
+    target_weight: float = _opt(DEFAULT_TARGET_WEIGHT, "Repair: weight of clean target-class images.", group="Method")
     refit_classifier: bool = _opt(DEFAULT_REFIT_CLASSIFIER, "Repair: after an edit upstream of the classifier, re-fit "
                                   "the classifier to the original outputs (forget pairs kept).", group="Method")
     refit_lam: float = _opt(DEFAULT_REFIT_LAM, "Repair: ridge of the classifier re-fit (scale-free, as lam); at "
@@ -72,9 +70,8 @@ class MethodOptions:
         DEFAULT_PROTECT_GRID, "Repair: the null-space constraints cross-validation tries (None: the weight alone).",
         group="Method", flag=False)
     target_weight_grid: tuple[float, ...] | None = _opt(
-        None, "Repair: the target-class weights cross-validation tries (None: with the trigger known and "
-        "target_weight at its default, constants.DEFAULT_TARGET_WEIGHT_GRID; otherwise target_weight alone).",
-        group="Method", flag=False)
+        None, "Repair: the target-class weights cross-validation tries (None: target_weight alone).", group="Method",
+        flag=False)
     selection: str = _opt(
         "score", "How cross-validation ranks its settings: score (held-out CA + TA/2 - 2 ASR) or bar (the best "
         "CA + TA/2 among those whose held-out ASR is within D's own natural confusion + 2 pt; the lowest ASR if "

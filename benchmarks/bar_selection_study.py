@@ -1,14 +1,13 @@
 """The cross-validation's selection with the bar first and the repair weight offered (issue 13).
 
     PYTHONPATH=$PWD python benchmarks/bar_selection_study.py bench-mobilenetv3-blend bench-efficientnet-badnets-white-br
-    PYTHONPATH=$PWD python benchmarks/bar_selection_study.py --variants w4,default bench-mobilenetv3-blend
+    PYTHONPATH=$PWD python benchmarks/bar_selection_study.py --variants score-weights bench-mobilenetv3-blend
 
 MODEL as in ``repair2_study.py`` (the bench's cached models, D = 10 images per class, 100 other held-out images
-per class); trigger known. ``default``: the engine as it ships (``selection="score"``; since stop 23 the weights
-``(4, 9, 16, 32)`` offered, ``constants.DEFAULT_TARGET_WEIGHT_GRID``). ``w4``: the weight 4 alone (the default up
-to stop 22). ``bar``:
+per class); trigger known. ``default``: the engine as it ships (``selection="score"``, w_t = 4). ``bar``:
 ``selection="bar"`` (the settings whose fold ASR is within D's natural confusion + 2 pt, then the most CA + TA/2)
-with the same weights. ``--variants a,b`` runs those only (default: ``w4,default,bar``). CA / ASR / TA on the held-out images, and the held-out natural
+with ``target_weight_grid=(4, 9, 16, 32)``. ``score-weights``: the default rule with the same weights offered.
+``--variants a,b`` runs those only (default: ``default,bar``). CA / ASR / TA on the held-out images, and the held-out natural
 confusion (the bar is it + 2 pt); the held-out numbers choose nothing.
 """
 from __future__ import annotations
@@ -28,8 +27,8 @@ from agme_hub.engine import clean, evaluate  # noqa: E402
 from agme_hub.engine.metrics import natural_confusion  # noqa: E402
 
 WEIGHTS = (4.0, 9.0, 16.0, 32.0)
-VARIANTS = {"w4": dict(target_weight_grid=(4.0,)), "default": {},
-            "bar": dict(selection="bar", target_weight_grid=WEIGHTS)}
+VARIANTS = {"default": {}, "bar": dict(selection="bar", target_weight_grid=WEIGHTS),
+            "score-weights": dict(target_weight_grid=WEIGHTS)}
 
 
 def main(names: list[str], variants: list[str]) -> None:
@@ -50,7 +49,7 @@ def main(names: list[str], variants: list[str]) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    chosen = ["w4", "default", "bar"]
+    chosen = ["default", "bar"]
     if "--variants" in args:
         at = args.index("--variants")
         chosen = args[at + 1].split(",")

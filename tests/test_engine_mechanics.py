@@ -156,21 +156,6 @@ def test_clean_offers_the_target_weight_grid(cifar):
     assert result.selection.rule == "bar"
 
 
-def test_with_the_trigger_known_the_weights_are_offered_unless_one_is_set(cifar):
-    """The default grid (constants.DEFAULT_TARGET_WEIGHT_GRID) is tried with the trigger known; a target_weight the
-    caller set is the only one tried, and without the repair the weight is 1."""
-    from agme_hub.constants import DEFAULT_TARGET_WEIGHT_GRID
-
-    kwargs = dict(trigger="blend:alpha=0.2", target=3, augment_copies=1, seed=0, layers=["head.fc"], lam_grid=(0.1,))
-    model = _model("convnext_atto")
-    offered = clean(model, cifar, **kwargs)
-    assert {row["target_weight"] for row in offered.selection.table} == set(DEFAULT_TARGET_WEIGHT_GRID)
-    assert offered.target_weight in DEFAULT_TARGET_WEIGHT_GRID
-    fixed = clean(model, cifar, target_weight=8.0, **kwargs)
-    assert {row["target_weight"] for row in fixed.selection.table} == {8.0} and fixed.target_weight == 8.0
-    assert {row["target_weight"] for row in clean(model, cifar, repair=False, **kwargs).selection.table} == {1.0}
-
-
 @pytest.mark.parametrize("bad", [dict(selection="best"), dict(target_weight_grid=(4.0, 0.0)),
                                  dict(target_weight_grid=())])
 def test_bad_selection_options_are_refused(bad):

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..constants import DEFAULT_TARGET_WEIGHT, DEFAULT_TARGET_WEIGHT_GRID
 from ..data import ImageSet, Preprocessor
 from ..devices import model_device, pick_batch_size, resolve_device
 from ..errors import ClassMismatchError, DataError
@@ -302,23 +301,12 @@ def _choose_layers(model: torch.nn.Module, data: ImageSet, chosen: _TriggerChoic
         copies=method.augment_copies, folds=method.folds, seed=method.seed, flip=method.flip,
         protects=tuple(method.protect_grid) if method.repair else (None,), replay=replay, refit=refit,
         batch_size=batch, progress=progress,
-        weights=_weight_grid(method, chosen),
+        weights=method.target_weight_grid if method.repair else None,
         rule=method.selection, scored=chosen.scored)
     return _LayerChoice(layers=selection.layers, lam=selection.lam, protect=selection.protect, selection=selection,
                         candidates=candidates, captured=captured, boundaries=boundaries,
                         seconds=time.perf_counter() - start, capture_seconds=capture_seconds,
                         forget=chosen.forget[selection.forget])
-
-
-def _weight_grid(method: MethodOptions, chosen: _TriggerChoice) -> tuple[float, ...] | None:
-    """The repair weights the cross-validation tries (None: the weight alone); a weight the caller set is kept."""
-    if not method.repair:
-        return None
-    if method.target_weight_grid is not None:
-        return method.target_weight_grid
-    if chosen.mode == "bdk" and method.target_weight == DEFAULT_TARGET_WEIGHT:
-        return DEFAULT_TARGET_WEIGHT_GRID
-    return None
 
 
 def _final_edit(edited: torch.nn.Module, original: torch.nn.Module, data: ImageSet, chosen: _TriggerChoice,
