@@ -16,15 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from repair2_study import ca_asr_ta as pct, setting  # noqa: E402
+from repair2_study import ca_asr_ta as pct, each_model  # noqa: E402
 
-from agme_hub.data import Preprocessor, load_images  # noqa: E402
 from agme_hub.engine import clean, evaluate  # noqa: E402
-from agme_hub.engine.metrics import natural_confusion  # noqa: E402
 
 WEIGHTS = (4.0, 9.0, 16.0, 32.0)
 VARIANTS = {"default": {}, "bar": dict(selection="bar", target_weight_grid=WEIGHTS),
@@ -32,13 +28,7 @@ VARIANTS = {"default": {}, "bar": dict(selection="bar", target_weight_grid=WEIGH
 
 
 def main(names: list[str], variants: list[str]) -> None:
-    torch.set_num_threads(1)
-    test = load_images("fashion-mnist", split="test")
-    for name in names:
-        model, trigger, target, edit, held = setting(name, test)
-        natural = natural_confusion(model, held, Preprocessor.from_model(model), target)
-        print(f"{name}: before {pct(evaluate(model, held, trigger, target))}, natural confusion "
-              f"{100 * natural:.1f}", flush=True)
+    for name, model, trigger, target, edit, held in each_model(names, natural=True):
         for label in variants:
             overrides = VARIANTS[label]
             start = time.perf_counter()

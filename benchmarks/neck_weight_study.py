@@ -12,27 +12,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from repair2_study import ca_asr_ta, setting  # noqa: E402
+from repair2_study import ca_asr_ta, each_model  # noqa: E402
 
-from agme_hub.data import Preprocessor, load_images  # noqa: E402
 from agme_hub.engine import clean, evaluate  # noqa: E402
-from agme_hub.engine.metrics import natural_confusion  # noqa: E402
 
 WEIGHTS = (4.0, 9.0, 16.0, 32.0)
 
 
 def main(names: list[str]) -> None:
-    torch.set_num_threads(2)  # as the numbers in docs/METHOD.md were measured
-    test = load_images("fashion-mnist", split="test")
-    for name in names:
-        model, trigger, target, edit, held = setting(name, test)
-        natural = natural_confusion(model, held, Preprocessor.from_model(model), target)
-        print(f"{name}: before {ca_asr_ta(evaluate(model, held, trigger, target))}, natural confusion "
-              f"{100 * natural:.1f}", flush=True)
+    # two torch threads, as the numbers in docs/METHOD.md were measured
+    for name, model, trigger, target, edit, held in each_model(names, threads=2, natural=True):
         for weight in WEIGHTS:
             result = clean(model, edit, trigger=trigger, target=target, layers=["conv_head", "classifier"],
                            lam_grid=(0.01,), target_weight=weight, seed=0)

@@ -65,15 +65,21 @@ def fixed_setting(spec: str, test):
     return name, model, trigger, target, edit, held, pre, layers, float(lam), head, floor
 
 
-def each_model(names: list[str]):
-    """One torch thread; per MODEL its setting, after printing its CA / ASR / TA before any edit."""
+def each_model(names: list[str], *, threads: int = 1, natural: bool = False):
+    """Per MODEL its setting, after printing its CA / ASR / TA before any edit (and, with ``natural``, the held-out
+    natural confusion: the bar's base)."""
     from agme_hub.engine import evaluate
+    from agme_hub.engine.metrics import natural_confusion
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     test = load_images("fashion-mnist", split="test")
     for name in names:
         model, trigger, target, edit, held = setting(name, test)
-        print(f"{name}: before {ca_asr_ta(evaluate(model, held, trigger, target))}", flush=True)
+        line = f"{name}: before {ca_asr_ta(evaluate(model, held, trigger, target))}"
+        if natural:
+            rate = natural_confusion(model, held, Preprocessor.from_model(model), target)
+            line += f", natural confusion {100 * rate:.1f}"
+        print(line, flush=True)
         yield name, model, trigger, target, edit, held
 
 

@@ -122,8 +122,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
                     flip: bool, protects: tuple[float | None, ...] = (None,), replay: bool = True,
                     refit: RefitTrial | None = None, batch_size: int = 512, progress: ProgressCallback | None = None,
-                    weights: tuple[float, ...] | None = None, rule: str = "score",
-                    scored: tuple[Trigger, ...] = ()) -> tuple[Selection, float, dict[str, GramStats], dict[int, CachedBoundary]]:
+                    weights: tuple[float, ...] | None = None, rule: str = "score", scored: tuple[Trigger, ...] = ()
+                    ) -> tuple[Selection, float, dict[str, GramStats], dict[int, CachedBoundary]]:
     """Leave-one-fold-out over (forget set, group, lam, protect, weight); a fold's statistics are subtracted from the
     total.
 
@@ -141,8 +141,11 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     weights = tuple(weights) if weights else (target_weight,)
     fold_of = _stratified_folds(data.labels, folds, seed)
     names = list(dict.fromkeys(n for group in groups.values() for n in group))
-    triggers = list({id(t): t for members in forget.values() for t in (*members, *scored)}.values())
-    asr_rows = [i for i, t in enumerate(triggers) if not scored or any(t is s for s in scored)]
+    forgettable = [t for members in forget.values() for t in members]
+    triggers = list({id(t): t for t in (*forgettable, *scored)}.values())
+    # the probes whose held-out success is the ASR: the scored triggers where there are any, else every trigger
+    scored_ids = {id(t) for t in scored}
+    asr_rows = [i for i, t in enumerate(triggers) if not scored or id(t) in scored_ids]
     probes = [t.apply(data.images) for t in triggers]
     start = time.perf_counter()
     device = model_device(model)
