@@ -14,7 +14,8 @@ __all__ = [
     "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_REFIT_LAM", "UNDERDETERMINED_REFIT_LAM",
     "DEFAULT_INVERSION_STEPS",
     "DEFAULT_FOLDS", "DEEP_ENTRY_BLOCKS",
-    "DEFAULT_PROTECT_GRID", "SELECTION_RULES", "SELECTION_BAR_MARGIN", "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS",
+    "DEFAULT_PROTECT_GRID", "SELECTION_RULES", "DEFAULT_SELECTION", "SELECTION_BAR_MARGIN", "DEFAULT_SURROGATES",
+    "DEFAULT_SURROGATE_EPS",
     "MAX_KEY_DIM", "MIN_KEY_BLOCK",
     "BN_RECOMPUTE_BATCH", "BACKDOOR_SUSPECTED_EXIT_CODE", "cache_dir",
     "is_debug", "is_true",
@@ -60,9 +61,12 @@ DEEP_ENTRY_BLOCKS = 3
 # protect_grid=(None, 0.9) to clean() to let the cross-validation choose it.
 DEFAULT_PROTECT_GRID: tuple[float | None, ...] = (None,)
 # How the cross-validation ranks its settings (engine/select.py): "score" weighs held-out CA, TA and ASR in one
-# number; "bar" puts the forgetting bar first (held-out ASR within D's natural confusion + SELECTION_BAR_MARGIN),
-# then keeps the most. docs/METHOD.md has the measurements behind the default.
-SELECTION_RULES = ("score", "bar")
+# number; "soft" is the same score of each held-out image's predicted probabilities instead of its 0/1 outcome
+# (the default: with 10 target images in D the counts move in steps of 10 pt; five-family bench, trigger known,
+# 31 -> 36 of 41 cells within the bar, docs/METHOD.md, stop 24); "bar" puts the forgetting bar first (held-out ASR
+# within D's natural confusion + SELECTION_BAR_MARGIN), then keeps the most.
+SELECTION_RULES = ("score", "bar", "soft")
+DEFAULT_SELECTION = "soft"
 SELECTION_BAR_MARGIN = 0.02
 # no-BDK: the surrogate triggers reconstructed (engine/surrogates.py); the cross-validation chooses which to
 # forget: each alone or all together (docs/METHOD.md, issue 12).

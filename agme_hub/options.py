@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 
 from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_FOLDS, DEFAULT_GAMMA, DEFAULT_INVERSION_STEPS,
                         DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER, DEFAULT_REFIT_LAM,
-                        DEFAULT_SURROGATES, DEFAULT_TARGET_WEIGHT, SELECTION_RULES)
+                        DEFAULT_SELECTION, DEFAULT_SURROGATES, DEFAULT_TARGET_WEIGHT, SELECTION_RULES)
 from .devices import check_device_spec
 from .errors import UsageError
 
@@ -73,9 +73,10 @@ class MethodOptions:
         None, "Repair: the target-class weights cross-validation tries (None: target_weight alone).", group="Method",
         flag=False)
     selection: str = _opt(
-        "score", "How cross-validation ranks its settings: score (held-out CA + TA/2 - 2 ASR) or bar (the best "
-        "CA + TA/2 among those whose held-out ASR is within D's own natural confusion + 2 pt; the lowest ASR if "
-        "none is).", group="Method", flag=False)
+        DEFAULT_SELECTION, "How cross-validation ranks its settings: soft (held-out CA + TA/2 - 2 ASR, each image "
+        "counted by its predicted probability of the class), score (the same, each image counted 0 or 1) or bar "
+        "(the best CA + TA/2 among those whose held-out ASR is within D's own natural confusion + 2 pt; the lowest "
+        "ASR if none is).", group="Method", flag=False)
     surrogates: tuple[str, ...] = _opt(
         DEFAULT_SURROGATES, "no-BDK: the surrogate triggers reconstructed (patch: mask + pattern; full: a bounded "
         "full-image perturbation); cross-validation forgets each alone or all together.", group="Method", flag=False)

@@ -1,14 +1,16 @@
-"""The cross-validation's selection with the bar first and the repair weight offered (issue 13).
+"""The cross-validation's selection rules and the repair weight offered, on the studies' cached models (issue 13).
 
     PYTHONPATH=$PWD python benchmarks/bar_selection_study.py bench-mobilenetv3-blend bench-efficientnet-badnets-white-br
     PYTHONPATH=$PWD python benchmarks/bar_selection_study.py --variants score-weights bench-mobilenetv3-blend
 
 MODEL as in ``repair2_study.py`` (the bench's cached models, D = 10 images per class, 100 other held-out images
-per class); trigger known. ``default``: the engine as it ships (``selection="score"``, w_t = 4). ``bar``:
+per class); trigger known. ``default``: the engine as it ships (``selection="soft"`` since stop 24, w_t = 4).
+``score``: the rule of stops 19-23 (``ca + 0.5 ta - 2 asr``, each held-out image counted 0 or 1). ``bar``:
 ``selection="bar"`` (the settings whose fold ASR is within D's natural confusion + 2 pt, then the most CA + TA/2)
-with ``target_weight_grid=(4, 9, 16, 32)``. ``score-weights``: the default rule with the same weights offered.
-``--variants a,b`` runs those only (default: ``default,bar``). CA / ASR / TA on the held-out images, and the held-out natural
-confusion (the bar is it + 2 pt); the held-out numbers choose nothing.
+with ``target_weight_grid=(4, 9, 16, 32)``. ``score-weights``: the ``score`` rule with the same weights offered.
+``soft``: the score of the held-out probabilities; ``soft-weights``: with the weights offered.
+``--variants a,b`` runs those only (default: ``score,bar``, the comparison of stop 22). CA / ASR / TA on the held-out
+images, and the held-out natural confusion (the bar is it + 2 pt); the held-out numbers choose nothing.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from repair2_study import ca_asr_ta as pct, each_model  # noqa: E402
 from agme_hub.engine import clean, evaluate  # noqa: E402
 
 WEIGHTS = (4.0, 9.0, 16.0, 32.0)
-VARIANTS = {"default": {}, "bar": dict(selection="bar", target_weight_grid=WEIGHTS),
-            "score-weights": dict(target_weight_grid=WEIGHTS)}
+VARIANTS = {"default": {}, "score": dict(selection="score"), "bar": dict(selection="bar", target_weight_grid=WEIGHTS),
+            "score-weights": dict(selection="score", target_weight_grid=WEIGHTS), "soft": dict(selection="soft"),
+            "soft-weights": dict(selection="soft", target_weight_grid=WEIGHTS)}
 
 
 def main(names: list[str], variants: list[str]) -> None:
@@ -39,7 +42,7 @@ def main(names: list[str], variants: list[str]) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    chosen = ["default", "bar"]
+    chosen = ["score", "bar"]
     if "--variants" in args:
         at = args.index("--variants")
         chosen = args[at + 1].split(",")

@@ -146,6 +146,44 @@ def test_the_bar_rule_puts_forgetting_first():
     assert _pick(rows, "bar", natural=0.0)["name"] == "forgot"  # none within the bar: the lowest ASR
 
 
+def test_the_soft_rule_sees_margins_the_counts_miss():
+    """``selection="soft"`` counts each held-out image by its predicted probability of the class counted: two
+    settings with the same counts (every clean image right, no triggered image sent to the target) differ where one
+    of them pulled the triggered images toward the target; the counts tie and keep the first row."""
+    import numpy as np
+
+    from agme_hub.engine.select import _held_out_metrics, _pick
+
+    labels = np.array([0, 0, 1, 1, 2, 2])  # target 0: two target images, four others
+    clean_pred, clean_prob = labels.copy(), np.full(6, 0.9, np.float32)
+    probe_pred = labels[None].copy()  # the triggered images keep their class
+    rows = []
+    for name, pull in (("pulled", 0.45), ("pushed", 0.05)):  # their probability of the target
+        metrics = _held_out_metrics(clean_pred, clean_prob, probe_pred, np.full((1, 6), pull, np.float32), labels,
+                                    target=0)
+        assert metrics["ca"] == metrics["ta"] == 1.0 and metrics["asr"] == 0.0
+        assert metrics["ta_p"] == pytest.approx(0.9) and metrics["asr_p"] == pytest.approx(pull)
+        rows.append(dict(metrics, name=name))
+    assert _pick(rows, "score", natural=0.0)["name"] == "pulled"  # a tie on the counts: the first row
+    assert _pick(rows, "soft", natural=0.0)["name"] == "pushed"
+
+
+def test_held_out_probabilities_are_those_of_the_class_counted():
+    """The trials' predictions give the argmax and the softmax probability of one class per row (the true class) or
+    of one class for all (the target), as the ``soft`` rule reads them."""
+    import numpy as np
+    import torch
+
+    from agme_hub.engine.select import _outcomes
+
+    logits = [torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0]])]
+    probs = torch.softmax(torch.cat(logits), 1).numpy()
+    pred, of_label = _outcomes(logits, np.array([0, 2, 2]))
+    assert pred.tolist() == [0, 1, 2]
+    assert np.allclose(of_label, [probs[0, 0], probs[1, 2], probs[2, 2]])
+    assert np.allclose(_outcomes(logits, 1)[1], probs[:, 1])
+
+
 def test_clean_offers_the_target_weight_grid(cifar):
     """Every weight of ``target_weight_grid`` is a row of the cross-validation's table; the edit ships with the
     chosen one, and the result reports it."""

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..constants import SELECTION_BAR_MARGIN
+from ..constants import DEFAULT_SELECTION, SELECTION_BAR_MARGIN
 from ..data import ImageSet, Preprocessor
 from ..devices import model_device, stats_device
 from ..progress import ProgressCallback, StageCounter
@@ -36,7 +36,7 @@ from .capture import capture_activations
 from .classifier import logits_of
 from .edit import GramStats, PairBatch, apply_edit, augmented_pairs, collect_stats, forget_sum
 from .layers import editable_layer
-from .metrics import natural_confusion, predict
+from .metrics import natural_confusion
 from .repair import collect_refit_stats, solve_refit
 from .replay import CachedBoundary, Replay, deeper_boundaries, plan_replay, reads_from
 
@@ -74,7 +74,7 @@ class Selection:
     table: list[dict[str, float | str | None]]  # one row per (group, lam, protect): held-out CA, TA, ASR, score
     protect: float | None = None  # the repair's null-space constraint (edit.solve_edit), None = the weight only
     forget: str = "given"  # the set of triggers forgotten: "given", or surrogates such as "patch", "patch+full"
-    rule: str = "score"  # how the rows were ranked (_pick)
+    rule: str = DEFAULT_SELECTION  # how the rows were ranked (_pick)
 
     def describe(self) -> str:
         best = next(r for r in self.table if r["group"] == self.group and r["lam"] == self.lam
@@ -83,7 +83,9 @@ class Selection:
         protected = f", target keys protected to {self.protect:g} of their energy" if self.protect else ""
         forgets = "" if self.forget == "given" else f", forgetting the {self.forget} surrogate(s)"
         asr = "ASR" if self.forget == "given" else "surrogate ASR"
-        return (f"{self.folds}-fold cross-validation on the edit images chose {self.group} "
+        ranked = {"soft": " (scored on predicted probabilities)", "bar": " (the forgetting bar first)"}.get(self.rule,
+                                                                                                         "")
+        return (f"{self.folds}-fold cross-validation on the edit images{ranked} chose {self.group} "
                 f"({', '.join(self.layers)}) with lam={self.lam:g}{protected}{forgets}: held-out CA {best['ca']:.1%}, "
                 f"TA {best['ta']:.1%}, {asr} {best['asr']:.1%} ({len(self.table)} settings tried)")
 
@@ -103,14 +105,36 @@ def _score(ca: float, ta: float, asr: float) -> float:
     return ca + 0.5 * ta - 2.0 * asr
 
 
+def _held_out_metrics(clean_pred: np.ndarray, clean_prob: np.ndarray, probe_pred: np.ndarray, probe_prob: np.ndarray,
+                      labels: np.ndarray, target: int) -> dict[str, float]:
+    """A setting's held-out CA, TA, ASR (each image counted 0 or 1) and their ``soft`` twins (each image counted by
+    its predicted probability of the class counted), with a score of each kind (:func:`_score`).
+
+    ``clean_*``: the prediction of every image of D, and its probability of the image's true class; ``probe_*``: per
+    scored trigger, the prediction of the triggered copy of every image of D, and its probability of the target.
+    With 10 target images in D a fold's TA moves in steps of 10 pt; the probabilities also see a target image
+    whose margin shrank without crossing, and a triggered one pulled toward the target without reaching it.
+    """
+    is_target, others = labels == target, labels != target
+    ca, ca_p = float((clean_pred == labels).mean()), float(clean_prob.mean())
+    ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
+    ta_p = float(clean_prob[is_target].mean()) if is_target.any() else 0.0
+    asr = float((probe_pred[:, others] == target).mean()) if others.any() else 0.0
+    asr_p = float(probe_prob[:, others].mean()) if others.any() else 0.0
+    return {"ca": ca, "ta": ta, "asr": asr, "score": _score(ca, ta, asr),
+            "ca_p": ca_p, "ta_p": ta_p, "asr_p": asr_p, "soft_score": _score(ca_p, ta_p, asr_p)}
+
+
 def _pick(table: list[dict[str, Any]], rule: str, natural: float) -> dict[str, Any]:
     """The chosen row; among equals the first (the table's order: first forget set, shallow group, small lam).
 
-    ``score``: the best :func:`_score`. ``bar``: the forgetting bar first, as the issue's bench judges a cell
-    (held-out ASR within D's own natural confusion + :data:`SELECTION_BAR_MARGIN`), then the most CA + TA/2 kept;
-    where no setting reaches the bar, the lowest ASR."""
+    ``score``: the best :func:`_score`. ``soft``: the best :func:`_score` of the held-out probabilities. ``bar``:
+    the forgetting bar first, as the issue's bench judges a cell (held-out ASR within D's own natural confusion +
+    :data:`SELECTION_BAR_MARGIN`), then the most CA + TA/2 kept; where no setting reaches the bar, the lowest ASR."""
     if rule == "score":
         return max(table, key=lambda r: r["score"])
+    if rule == "soft":
+        return max(table, key=lambda r: r["soft_score"])
     within = [r for r in table if r["asr"] <= natural + SELECTION_BAR_MARGIN + 1e-9]
     if within:
         return max(within, key=lambda r: (r["ca"] + 0.5 * r["ta"], r["score"]))
@@ -122,7 +146,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                     gamma: float, target_weight: float, copies: int, folds: int, seed: int,
                     flip: bool, protects: tuple[float | None, ...] = (None,), replay: bool = True,
                     refit: RefitTrial | None = None, batch_size: int = 512, progress: ProgressCallback | None = None,
-                    weights: tuple[float, ...] | None = None, rule: str = "score", scored: tuple[Trigger, ...] = ()
+                    weights: tuple[float, ...] | None = None, rule: str = DEFAULT_SELECTION,
+                    scored: tuple[Trigger, ...] = ()
                     ) -> tuple[Selection, float, dict[str, GramStats], dict[int, CachedBoundary]]:
     """Leave-one-fold-out over (forget set, group, lam, protect, weight); a fold's statistics are subtracted from the
     total.
@@ -183,7 +208,6 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                                     batch_size=max(1, batch_size // 2))
             by_trigger[id(trigger)] = collect_stats(model, names, pairs, preprocess, target=target, folds=fold_of,
                                                     num_folds=folds, run=run, progress=captured)
-    is_target = data.labels == target
     sample = preprocess(data.images[:1]).to(device)
     chained = {group: [n for p, n in enumerate(layer_names) if p and reads_from(model, n, layer_names[:p], sample)]
                for group, layer_names in groups.items()}
@@ -226,6 +250,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                 trial_refit = dataclasses.replace(refit, target_weight=weight) if refits else None
                 clean_pred = np.empty(len(data), np.int64)
                 probe_pred = np.empty((len(probes), len(data)), np.int64)
+                clean_prob = np.empty(len(data), np.float32)  # the probability of the true class
+                probe_prob = np.empty((len(probes), len(data)), np.float32)  # the probability of the target
                 for fold in range(folds):
                     held = np.flatnonzero(fold_of == fold)
                     if len(held) == 0:
@@ -256,20 +282,22 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                                         max(1, batch_size // 2))
                     if boundary is not None:
                         first = walk[id(triggers[0])]
-                        clean_pred[held] = _predict_replayed(trial, first.plan, first.clean[0][held], batch_size)
+                        clean_pred[held], clean_prob[held] = _predict_replayed(
+                            trial, first.plan, first.clean[0][held], data.labels[held], batch_size)
                         for i, t in enumerate(triggers):
-                            probe_pred[i, held] = _predict_replayed(trial, walk[id(t)].plan,
-                                                                    walk[id(t)].triggered[0][held], batch_size)
+                            probe_pred[i, held], probe_prob[i, held] = _predict_replayed(
+                                trial, walk[id(t)].plan, walk[id(t)].triggered[0][held], target, batch_size)
                     else:
-                        clean_pred[held] = predict(trial, data.images[held], preprocess, batch_size=batch_size)
+                        clean_pred[held], clean_prob[held] = _predict_full(trial, data.images[held],
+                                                                           data.labels[held], preprocess, batch_size)
                         for i, triggered in enumerate(probes):
-                            probe_pred[i, held] = predict(trial, triggered[held], preprocess, batch_size=batch_size)
+                            probe_pred[i, held], probe_prob[i, held] = _predict_full(trial, triggered[held], target,
+                                                                                     preprocess, batch_size)
                     trials.advance()
-                ca = float((clean_pred == data.labels).mean())
-                ta = float((clean_pred[is_target] == target).mean()) if is_target.any() else 0.0
-                asr = float((probe_pred[asr_rows][:, ~is_target] == target).mean()) if (~is_target).any() else 0.0
                 table.append({"forget": forget_name, "group": group, "lam": lam, "protect": protect,
-                              "target_weight": weight, "ca": ca, "ta": ta, "asr": asr, "score": _score(ca, ta, asr)})
+                              "target_weight": weight,
+                              **_held_out_metrics(clean_pred, clean_prob, probe_pred[asr_rows], probe_prob[asr_rows],
+                                                  data.labels, target)})
     # the bar's base: the clean non-target images of D the model already sends to the target
     natural = natural_confusion(model, data, preprocess, target, batch_size=batch_size) if rule == "bar" else 0.0
     best = _pick(table, rule, natural)
@@ -397,11 +425,32 @@ def _original_keys(model: torch.nn.Module, head: str, data: ImageSet, preprocess
 
 
 @torch.inference_mode()
-def _predict_replayed(model: torch.nn.Module, plan: Replay, cached: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Predicted classes from the boundary outputs ``cached``: only the layers after the boundary run."""
+def _predict_replayed(model: torch.nn.Module, plan: Replay, cached: torch.Tensor, of: np.ndarray | int,
+                      batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted classes from the boundary outputs ``cached`` (only the layers after the boundary run), and the
+    predicted probability of the class ``of`` (one per row, or one class for all)."""
     model.eval()
-    out = []
     with plan.installed(model) as run:
-        for start in range(0, len(cached), batch_size):
-            out.append(logits_of(run(cached[start:start + batch_size])).argmax(1).cpu().numpy())
-    return np.concatenate(out) if out else np.array([], np.int64)
+        return _outcomes([logits_of(run(cached[start:start + batch_size]))
+                          for start in range(0, len(cached), batch_size)], of)
+
+
+@torch.inference_mode()
+def _predict_full(model: torch.nn.Module, images: np.ndarray, of: np.ndarray | int, preprocess: Preprocessor,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`_predict_replayed`, the whole network run on ``images`` (no replay)."""
+    model.eval()
+    device = model_device(model)
+    return _outcomes([logits_of(model(preprocess(images[start:start + batch_size]).to(device)))
+                      for start in range(0, len(images), batch_size)], of)
+
+
+def _outcomes(logits: list[torch.Tensor], of: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """The argmax of the logits (the counted metrics) and the softmax probability of the class ``of`` (the
+    ``soft`` rule's)."""
+    if not logits:
+        return np.array([], np.int64), np.array([], np.float32)
+    joined = torch.cat(logits).float()
+    probs = torch.softmax(joined, 1)
+    column = torch.as_tensor(np.broadcast_to(of, (len(joined),)).copy(), device=probs.device).long()
+    return joined.argmax(1).cpu().numpy(), probs.gather(1, column[:, None])[:, 0].cpu().numpy()
