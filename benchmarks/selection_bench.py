@@ -20,15 +20,18 @@ import json
 import sys
 from pathlib import Path
 
-from agme_hub.lab.bench import BenchConfig, config_with, run_bench
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bar_selection_study import VARIANTS as STUDY_VARIANTS  # noqa: E402
+
+from agme_hub.lab.bench import BenchConfig, config_with, run_bench  # noqa: E402
 
 COMMITTED = Path(__file__).resolve().parent / "results" / "fmnist-5arch" / "runs.partial.jsonl"
 TRIGGERS = ("badnets-white-br", "badnets-checker-br", "badnets-noise-center", "badnets-bar-bl", "badnets-red-tr",
             "blend", "image", "additive", "sig", "warp")
-WEIGHTS = (4.0, 9.0, 16.0, 32.0)
-VARIANTS = {"default": {}, "score": {"selection": "score"},
-            "weights": {"selection": "score", "target_weight_grid": WEIGHTS}, "soft": {"selection": "soft"},
-            "soft-weights": {"selection": "soft", "target_weight_grid": WEIGHTS}}
+# the study's variants (bar_selection_study.py) by the names this bench's commands use
+VARIANTS = {name: STUDY_VARIANTS[name] for name in ("default", "score", "soft", "soft-weights")} | {
+    "weights": STUDY_VARIANTS["score-weights"]}
 
 
 def run(out: str, variant: str, archs: list[str]) -> None:
@@ -80,4 +83,6 @@ if __name__ == "__main__":
             at = args.index("--variant")
             variant = args[at + 1]
             del args[at:at + 2]
+        if variant not in VARIANTS:
+            sys.exit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
         run(args[1], variant, args[2:])

@@ -62,6 +62,10 @@ class RefitTrial:
     target_weight: float
 
 
+# How describe() names a rule other than the plain count ("score").
+_RULE_WORDS = {"soft": " (scored on predicted probabilities)", "bar": " (the forgetting bar first)"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Selection:
     """What cross-validation chose, and the table it chose from."""
@@ -83,8 +87,7 @@ class Selection:
         protected = f", target keys protected to {self.protect:g} of their energy" if self.protect else ""
         forgets = "" if self.forget == "given" else f", forgetting the {self.forget} surrogate(s)"
         asr = "ASR" if self.forget == "given" else "surrogate ASR"
-        ranked = {"soft": " (scored on predicted probabilities)", "bar": " (the forgetting bar first)"}.get(self.rule,
-                                                                                                         "")
+        ranked = _RULE_WORDS.get(self.rule, "")
         return (f"{self.folds}-fold cross-validation on the edit images{ranked} chose {self.group} "
                 f"({', '.join(self.layers)}) with lam={self.lam:g}{protected}{forgets}: held-out CA {best['ca']:.1%}, "
                 f"TA {best['ta']:.1%}, {asr} {best['asr']:.1%} ({len(self.table)} settings tried)")
@@ -168,7 +171,8 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
     names = list(dict.fromkeys(n for group in groups.values() for n in group))
     forgettable = [t for members in forget.values() for t in members]
     triggers = list({id(t): t for t in (*forgettable, *scored)}.values())
-    # the probes whose held-out success is the ASR: the scored triggers where there are any, else every trigger
+    # the probes whose held-out success is the ASR (the only ones a trial predicts): the scored triggers where there
+    # are any, else every trigger
     scored_ids = {id(t) for t in scored}
     asr_rows = [i for i, t in enumerate(triggers) if not scored or id(t) in scored_ids]
     probes = [t.apply(data.images) for t in triggers]
@@ -249,9 +253,9 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
             for lam, protect, weight in itertools.product(lams, protects, weights):
                 trial_refit = dataclasses.replace(refit, target_weight=weight) if refits else None
                 clean_pred = np.empty(len(data), np.int64)
-                probe_pred = np.empty((len(probes), len(data)), np.int64)
+                probe_pred = np.empty((len(asr_rows), len(data)), np.int64)
                 clean_prob = np.empty(len(data), np.float32)  # the probability of the true class
-                probe_prob = np.empty((len(probes), len(data)), np.float32)  # the probability of the target
+                probe_prob = np.empty((len(asr_rows), len(data)), np.float32)  # the probability of the target
                 for fold in range(folds):
                     held = np.flatnonzero(fold_of == fold)
                     if len(held) == 0:
@@ -284,20 +288,20 @@ def _cross_validate(model: torch.nn.Module, data: ImageSet, forget: dict[str, tu
                         first = walk[id(triggers[0])]
                         clean_pred[held], clean_prob[held] = _predict_replayed(
                             trial, first.plan, first.clean[0][held], data.labels[held], batch_size)
-                        for i, t in enumerate(triggers):
-                            probe_pred[i, held], probe_prob[i, held] = _predict_replayed(
-                                trial, walk[id(t)].plan, walk[id(t)].triggered[0][held], target, batch_size)
+                        for row, i in enumerate(asr_rows):
+                            at = walk[id(triggers[i])]
+                            probe_pred[row, held], probe_prob[row, held] = _predict_replayed(
+                                trial, at.plan, at.triggered[0][held], target, batch_size)
                     else:
                         clean_pred[held], clean_prob[held] = _predict_full(trial, data.images[held],
                                                                            data.labels[held], preprocess, batch_size)
-                        for i, triggered in enumerate(probes):
-                            probe_pred[i, held], probe_prob[i, held] = _predict_full(trial, triggered[held], target,
-                                                                                     preprocess, batch_size)
+                        for row, i in enumerate(asr_rows):
+                            probe_pred[row, held], probe_prob[row, held] = _predict_full(
+                                trial, probes[i][held], target, preprocess, batch_size)
                     trials.advance()
                 table.append({"forget": forget_name, "group": group, "lam": lam, "protect": protect,
                               "target_weight": weight,
-                              **_held_out_metrics(clean_pred, clean_prob, probe_pred[asr_rows], probe_prob[asr_rows],
-                                                  data.labels, target)})
+                              **_held_out_metrics(clean_pred, clean_prob, probe_pred, probe_prob, data.labels, target)})
     # the bar's base: the clean non-target images of D the model already sends to the target
     natural = natural_confusion(model, data, preprocess, target, batch_size=batch_size) if rule == "bar" else 0.0
     best = _pick(table, rule, natural)
