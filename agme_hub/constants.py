@@ -15,7 +15,7 @@ __all__ = [
     "DEFAULT_INVERSION_STEPS",
     "DEFAULT_FOLDS", "DEEP_ENTRY_BLOCKS",
     "DEFAULT_PROTECT_GRID", "SELECTION_RULES", "DEFAULT_SELECTION", "SELECTION_BAR_MARGIN", "DEFAULT_SURROGATES",
-    "DEFAULT_SURROGATE_EPS",
+    "DEFAULT_SURROGATE_EPS", "DEFAULT_SURROGATE_REGION", "DEFAULT_CHOOSE_SURROGATES",
     "MAX_KEY_DIM", "MIN_KEY_BLOCK",
     "BN_RECOMPUTE_BATCH", "BACKDOOR_SUSPECTED_EXIT_CODE", "cache_dir",
     "is_debug", "is_true",
@@ -68,9 +68,13 @@ DEFAULT_PROTECT_GRID: tuple[float | None, ...] = (None,)
 SELECTION_RULES = ("score", "bar", "soft")
 DEFAULT_SELECTION = "soft"
 SELECTION_BAR_MARGIN = 0.02
-# no-BDK: the surrogate triggers reconstructed (engine/surrogates.py); the cross-validation chooses which to
-# forget: each alone or all together (docs/METHOD.md, issue 12).
+# no-BDK: the surrogate triggers reconstructed (engine/surrogates.py; docs/METHOD.md, issue 12).
 DEFAULT_SURROGATES = ("patch", "full")
+# no-BDK: the patch surrogate is forgotten with its region, its mask filled with fresh noise, and every surrogate
+# is forgotten (the cross-validation no longer chooses among them: it cannot see the real trigger, and chose on
+# differences of its own noise). Stop 25: docs/METHOD.md, "The patch surrogate's place".
+DEFAULT_SURROGATE_REGION = True
+DEFAULT_CHOOSE_SURROGATES = False
 # L-inf bound (of 1) of the full-image surrogate: the blend (alpha 0.1), additive (24/255) and SIG (20/255)
 # triggers of the bench change pixels by up to ~0.08-0.1.
 DEFAULT_SURROGATE_EPS = 0.1

@@ -18,9 +18,10 @@ import re
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, get_type_hints
 
-from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_FOLDS, DEFAULT_GAMMA, DEFAULT_INVERSION_STEPS,
-                        DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER, DEFAULT_REFIT_LAM,
-                        DEFAULT_SELECTION, DEFAULT_SURROGATES, DEFAULT_TARGET_WEIGHT, SELECTION_RULES)
+from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_CHOOSE_SURROGATES, DEFAULT_FOLDS, DEFAULT_GAMMA,
+                        DEFAULT_INVERSION_STEPS, DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER,
+                        DEFAULT_REFIT_LAM, DEFAULT_SELECTION, DEFAULT_SURROGATE_REGION, DEFAULT_SURROGATES,
+                        DEFAULT_TARGET_WEIGHT, SELECTION_RULES)
 from .devices import check_device_spec
 from .errors import UsageError
 
@@ -79,7 +80,13 @@ class MethodOptions:
         "ASR if none is).", group="Method", flag=False)
     surrogates: tuple[str, ...] = _opt(
         DEFAULT_SURROGATES, "no-BDK: the surrogate triggers reconstructed (patch: mask + pattern; full: a bounded "
-        "full-image perturbation); cross-validation forgets each alone or all together.", group="Method", flag=False)
+        "full-image perturbation); all are forgotten together unless choose_surrogates.", group="Method", flag=False)
+    choose_surrogates: bool = _opt(
+        DEFAULT_CHOOSE_SURROGATES, "no-BDK: let the cross-validation choose which surrogates to forget (each alone or "
+        "all together) instead of forgetting all of them.", group="Method", flag=False)
+    surrogate_region: bool = _opt(
+        DEFAULT_SURROGATE_REGION, "no-BDK: forget the patch surrogate together with its region, its mask filled "
+        "with fresh noise on every image (what any sticker in that place could show).", group="Method", flag=False)
     held_out_surrogates: bool = _opt(
         False, "no-BDK: also reconstruct a second draw of the surrogates (seed + 1), never forgotten; the "
         "cross-validation's ASR is the second draw's held-out success, so a chosen edit forgets a trigger it was not "
@@ -93,7 +100,8 @@ class MethodOptions:
         if not isinstance(self.lam_grid, (list, tuple)) or not self.lam_grid:
             raise UsageError(f"lam_grid must be a non-empty list of numbers, got {self.lam_grid!r}")
         object.__setattr__(self, "lam_grid", tuple(self.lam_grid))
-        for name in ("repair", "flip", "refit_classifier", "held_out_surrogates"):
+        for name in ("repair", "flip", "refit_classifier", "held_out_surrogates", "surrogate_region",
+                     "choose_surrogates"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{_label(name)} must be true or false, got {getattr(self, name)!r}")
         if self.lam is not None:

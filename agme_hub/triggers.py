@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
@@ -33,7 +34,7 @@ import numpy as np
 from .errors import ShapeMismatchError, TriggerSpecError
 
 __all__ = [
-    "Trigger", "MaskTrigger", "DeltaTrigger", "PatchTrigger", "BlendTrigger", "ImageTrigger", "AdditiveTrigger",
+    "Trigger", "MaskTrigger", "DeltaTrigger", "RegionTrigger", "PatchTrigger", "BlendTrigger", "ImageTrigger", "AdditiveTrigger",
     "SIGTrigger", "LSBTrigger",
     "parse_trigger", "PRESETS", "TRIGGER_KINDS", "CALLABLE_PREFIX",
 ]
@@ -390,6 +391,34 @@ class MaskTrigger(Trigger):
         Image.fromarray(pattern[..., 0] if pattern.shape[-1] == 1 else pattern).save(folder / "surrogate_pattern.png")
         Image.fromarray(mask).save(folder / "surrogate_mask.png")
         return f"image:pattern={folder / 'surrogate_pattern.png'},mask={folder / 'surrogate_mask.png'}"
+
+
+@dataclass(frozen=True, eq=False)
+class RegionTrigger(Trigger):
+    """The place of a surrogate patch with fresh uniform noise in it: what any sticker there could show.
+
+    ``mask`` is float ``(H, W, 1)`` in [0, 1] (a patch surrogate's). Each image gets its own noise, drawn from
+    ``seed`` and the image's own bytes, so an image and its augmented copies get different noise, and the same
+    image always the same (the edit is deterministic). It has no file form: it is made from the patch
+    surrogate whenever it is needed.
+    """
+
+    kind: ClassVar[str] = "region"
+    mask_array: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1), np.float32))
+    seed: int = 0
+
+    @property
+    def spec(self) -> str:
+        h, w, _ = self.mask_array.shape
+        return f"surrogate-region:{w}x{h},mask_l1={float(self.mask_array.sum()):.1f}"
+
+    def _stamp(self, x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+        if self.mask_array.shape[:2] != tuple(shape[:2]):
+            raise ShapeMismatchError(f"the surrogate region is {self.mask_array.shape[1]}x"
+                                     f"{self.mask_array.shape[0]}, images are {shape[1]}x{shape[0]}")
+        noise = np.stack([np.random.default_rng((self.seed, zlib.crc32(image.tobytes())))
+                          .uniform(0.0, 255.0, image.shape) for image in x]).astype(np.float32)
+        return (1.0 - self.mask_array) * x + self.mask_array * noise
 
 
 @dataclass(frozen=True, eq=False)

@@ -156,7 +156,7 @@ def test_every_stage_reports_counts_up_to_its_total(model_and_data):
     model, edit, held = model_and_data
     events = []
     agme_hub.clean(model, edit, target=TEST_TARGET, augment_copies=1, inversion_steps=4, surrogates=("patch",),
-                   progress=events.append)  # one surrogate: one inversion, one capture pass
+                   progress=events.append)  # one surrogate: one inversion; it and its region: two capture passes
     agme_hub.evaluate(model, held, TRIGGER, TEST_TARGET, progress=events.append)
     seen = {e.stage for e in events}
     assert seen == set(STAGES)
@@ -166,7 +166,7 @@ def test_every_stage_reports_counts_up_to_its_total(model_and_data):
         assert all(b.done >= a.done or b.done == 0 for a, b in zip(mine, mine[1:])), stage
     last = {e.stage: e for e in events}
     assert last["inversion"].total == 4 and last["inversion"].unit == "steps"
-    assert last["capture"].total == 2 * len(edit) * 2  # D and T(D), once and with one augmented copy
+    assert last["capture"].total == 2 * len(edit) * 2 * 2  # D and T(D), once and with one augmented copy, per trigger
     assert last["evaluation"].total == len(held) + int((held.labels != TEST_TARGET).sum())
     assert np.isfinite(last["selection"].total)
 

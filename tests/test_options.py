@@ -60,6 +60,8 @@ def test_method_defaults_are_the_constants():
     assert method.folds == constants.DEFAULT_FOLDS
     assert method.lam_grid == constants.DEFAULT_LAM_GRID
     assert method.surrogates == constants.DEFAULT_SURROGATES
+    assert (method.surrogate_region, method.choose_surrogates) == (constants.DEFAULT_SURROGATE_REGION,
+                                                                   constants.DEFAULT_CHOOSE_SURROGATES)
     assert (method.repair, method.layers, method.lam, method.bn_stats, method.seed) == (True, None, None, "keep", 0)
     # CleanOptions carries the same knobs with the same defaults and help
     assert CleanOptions().method == method
@@ -93,7 +95,8 @@ def test_bad_values_are_usage_errors(bad):
 
 @pytest.mark.parametrize("bad", [{"folds": 1}, {"lam_grid": ()}, {"lam_grid": (0.1, math.nan)}, {"flip": "yes"},
                                  {"surrogates": ()}, {"surrogates": ("patch", "warp")},
-                                 {"surrogates": ("full", "full")}])
+                                 {"surrogates": ("full", "full")}, {"surrogate_region": "yes"},
+                                 {"choose_surrogates": 1}])
 def test_bad_engine_only_values_are_usage_errors(bad):
     with pytest.raises(UsageError):
         MethodOptions(**bad)

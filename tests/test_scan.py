@@ -216,3 +216,25 @@ def test_scan_report_words_both_kinds_of_evidence():
     assert quiet.evidence_lines()[0].startswith("leading class (not an outlier): 8 (Bag)")
     assert "reaches about half" in quiet.evidence_lines()[0]
     assert json.loads(json.dumps(quiet.to_json()))["full_eps"] is None
+
+
+def test_the_scan_studys_tally_counts_taken_backdoors_and_clean_models_apart():
+    """``scan_study summary``: TPR over the backdoors that took, right targets among them, FPR over clean models."""
+    from agme_hub.errors import UsageError
+    from agme_hub.lab.scan_study import match_models, summarize_rows
+
+    def row(arch, backdoored, verdict, right=None, took=None):
+        return {"arch": arch, "backdoored": backdoored, "verdict": verdict, "right_target": right, "took": took}
+
+    rows = [row("vit", True, "backdoor suspected", True, True), row("vit", True, "no evidence", True, True),
+            row("vit", True, "backdoor suspected", False, False),  # did not take: counted apart
+            row("vit", False, "backdoor suspected"), row("vit", False, "no evidence"),
+            row("resnet10t", True, "backdoor suspected", True, None)]  # older rows carry no `took`
+    vit, resnet, overall = summarize_rows(rows)
+    assert vit == {"family": "vit", "backdoored": 2, "flagged": 1, "right_target": 2, "clean": 2, "clean_flagged": 1,
+                   "not_taken": 1}
+    assert resnet["backdoored"] == resnet["flagged"] == 1 and overall["backdoored"] == 3 and overall["not_taken"] == 1
+    assert match_models(["vit-clean-*", "fmnist-white-br"]) == ["fmnist-white-br", "vit-clean-s0", "vit-clean-s1"]
+    assert len(match_models(["bench-*"])) == 50  # the five-family bench: 5 families x 10 triggers
+    with pytest.raises(UsageError, match="no study model matches"):
+        match_models(["bench-regnet-*"])

@@ -17,7 +17,7 @@ from agme_hub.data import split_edit_eval
 from agme_hub.engine.clean import evaluate
 from agme_hub.engine.edit import GramStats, forget_sum, solve_edit
 from agme_hub.engine.surrogates import forget_sets
-from agme_hub.triggers import DeltaTrigger
+from agme_hub.triggers import DeltaTrigger, MaskTrigger, RegionTrigger
 
 from .conftest import TEST_TARGET
 
@@ -50,6 +50,23 @@ def test_forgetting_two_triggers_adds_their_forget_terms():
     assert not torch.allclose(w, solve_edit(w0, stats(ka), lam=0.01, gamma=1.0))
 
 
+def test_a_region_is_the_patch_surrogates_place_with_fresh_noise_on_every_image():
+    """Noise only under the mask, a different draw for every image, the same for the same image (deterministic)."""
+    mask = np.zeros((8, 8, 1), np.float32)
+    mask[2:5, 3:6] = 1.0
+    region = RegionTrigger(mask_array=mask, seed=0)
+    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    images[3] = images[0]
+    stamped = region.apply(images)
+    outside = mask[..., 0] == 0
+    assert np.array_equal(stamped[:, outside], images[:, outside])
+    assert not np.array_equal(stamped[0, 2:5, 3:6], stamped[1, 2:5, 3:6])
+    assert np.array_equal(stamped[0], stamped[3]) and np.array_equal(stamped, region.apply(images))
+    assert not np.array_equal(stamped[0], RegionTrigger(mask_array=mask, seed=1).apply(images[:1])[0])
+    patch = MaskTrigger(pattern_array=np.full((8, 8, 1), 255.0, np.float32), mask_array=mask)
+    assert region.spec == "surrogate-region:8x8,mask_l1=9.0" and patch.pattern_and_mask((8, 8, 1))[1] is mask
+
+
 def test_full_image_surrogate_is_bounded_and_reaches_the_target(no_bdk_cleaned, split):
     """The full-image surrogate no-BDK reconstructs (``invert_perturbation``) for the SIG model, as ``clean`` made it."""
     edit, _ = split
@@ -61,7 +78,10 @@ def test_full_image_surrogate_is_bounded_and_reaches_the_target(no_bdk_cleaned, 
     change = surrogate.trigger.apply(others).astype(int) - others.astype(int)
     assert np.abs(change).max() <= round(255 * DEFAULT_SURROGATE_EPS) and (change != 0).mean() > 0.5  # full-image
     assert surrogate.success > 0.9
-    assert set(forget_sets(surrogates)) == {"patch", "full", "patch+full"}
+    assert set(forget_sets(surrogates)) == {"patch", "full", "patch+full"}  # the cross-validation's choice (stop 24)
+    (name, every), = forget_sets(surrogates, region=True, choose=False).items()  # the default: all, with the region
+    assert name == "patch+region+full" and isinstance(every[1], RegionTrigger)
+    assert every[0] is surrogates["patch"].trigger and every[2] is surrogates["full"].trigger
 
 
 @pytest.mark.parametrize("trigger", ["badnets-white-br", SIG])
@@ -72,7 +92,7 @@ def test_no_bdk_removes_patch_and_full_image_backdoors(backdoored, no_bdk_cleane
     before = evaluate(model, held, trigger, TEST_TARGET)
     after = evaluate(result.model, held, trigger, TEST_TARGET)  # measured with the real trigger
     assert result.mode == "no-bdk" and {s.kind for s in result.surrogates} == {"patch", "full"}
-    assert result.selection is not None and result.selection.forget in ("patch", "full", "patch+full")
+    assert result.selection is not None and result.selection.forget == "patch+region+full"
     assert before.attack_success_rate > 0.9
     assert after.attack_success_rate < 0.05, (result.selection.describe(), after)
     assert before.clean_accuracy - after.clean_accuracy < 0.02

@@ -260,7 +260,9 @@ def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigg
                                               seed=method.seed + 1, eval_batch_size=batch, progress=steps).values())
     return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=next(iter(surrogates.values())).trigger,
                           target=target, detection=detection, seconds=time.perf_counter() - start,
-                          forget=forget_sets(surrogates), surrogates=tuple(surrogates.values()),
+                          forget=forget_sets(surrogates, region=method.surrogate_region,
+                                             choose=method.choose_surrogates, seed=method.seed),
+                          surrogates=tuple(surrogates.values()),
                           scored=tuple(s.trigger for s in scored))
 
 

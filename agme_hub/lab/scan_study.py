@@ -3,12 +3,18 @@
 Models are trained once and cached: backdoored ones with several triggers and architectures, clean ones by the
 same recipe with poison rate 0 (other seeds, both architectures), a 20-class one (MNIST digits and
 Fashion-MNIST items, ``mnist+fashion-mnist``), and the bench's own backdoored models (``agme_hub.lab.bench``,
-quick recipe, target 0: ResNet and ConvNeXt with a white patch, blend, additive and SIG). Run
+target 0: the five families of ``benchmarks/results/fmnist-5arch`` x its ten triggers, the same cached models)
+with clean models of each family trained by the bench's recipe without poison. Run
 ``python -m agme_hub.lab.scan_study`` to print every number it measures::
 
     python -m agme_hub.lab.scan_study accuracy [NAME...]   # one row per model: both indices, verdict, target
+    python -m agme_hub.lab.scan_study summary ROWS.jsonl [NAME...]  # TPR, FPR, right targets of those rows, by family
     python -m agme_hub.lab.scan_study cost [--img-size N] [K...]  # detection cost against one inversion
     python -m agme_hub.lab.scan_study indices [NAME...]    # both screenings' leaders: MAD index and log-Grubbs index
+
+A NAME may be a glob (``'bench-vit-*'``, ``'*-clean-*'``). A backdoored model whose backdoor did not take (ASR
+under the bench's 80 %, measured when it was trained) is scanned and reported, but left out of the TPR, as the
+bench leaves its cell undefended.
 
 ``DEVELOPMENT`` are the models the detection was designed on; the others were added to measure it after its
 design was fixed (docs/METHOD.md, issue 12).
@@ -16,6 +22,7 @@ design was fixed (docs/METHOD.md, issue 12).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sys
 import time
@@ -32,17 +39,22 @@ from ..engine.detection import FULL_SHARE, detect_target_fast, outlier_scores, s
 from ..engine.inversion import anomaly_indices, invert_trigger
 from ..errors import UsageError
 from ..hub.checkpoint import load_model
-from .backdoor import BackdoorConfig, cached_backdoored, create_classifier
+from .backdoor import BACKDOOR_NAME, BackdoorConfig, cached_backdoored, create_classifier
 from .bench.grid import BenchConfig, arch_spec
 from .bench.models import backdoored_model, resolve_trigger
 
 __all__ = ["StudyModel", "STUDY_MODELS", "DEVELOPMENT", "study_model", "study_config", "edit_images",
-           "detection_cost", "study_row"]
+           "detection_cost", "study_row", "match_models", "summarize_rows"]
 
 # The recipe of the tests' models (tests/conftest.py): a narrow ResNet-10 on 300 images per class, 6 epochs.
 # The bench's ARCHS give the same for ResNet (and the narrow ConvNeXt its recipe).
 SMALL_RESNET = {"channels": [16, 32, 64, 128]}
 STUDY_TRAINING = dict(n_train=300, n_test=100, img_size=32)
+# The five-family bench (benchmarks/results/fmnist-5arch): its families and triggers, whose models the study scans.
+FIVE_FAMILIES = ("resnet10t", "convnext", "mobilenetv3", "efficientnet", "vit")
+BENCH_TRIGGERS = ("badnets-white-br", "badnets-checker-br", "badnets-noise-center", "badnets-bar-bl",
+                  "badnets-red-tr", "blend", "image", "additive", "sig", "warp")
+MIN_BACKDOOR_ASR = BenchConfig().min_asr  # under it the backdoor did not take (the bench's rule)
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,12 @@ STUDY_MODELS: dict[str, StudyModel] = {m.name: m for m in [
     StudyModel("convnext-checker-br-t3", "fashion-mnist", "badnets-checker-br", 3, 0.1, arch="convnext"),
     *[StudyModel(f"bench-{arch}-{trigger}", "fashion-mnist", trigger, 0, 0.1, arch=arch, bench=True)
       for arch in ("resnet10t", "convnext") for trigger in ("badnets-white-br", "blend", "additive", "sig")],
+    # added in stop 25: the rest of the five-family bench's models, and clean models of its other three families
+    *[StudyModel(f"bench-{arch}-{trigger}", "fashion-mnist", trigger, 0, 0.1, arch=arch, bench=True)
+      for arch in FIVE_FAMILIES for trigger in BENCH_TRIGGERS
+      if not (arch in ("resnet10t", "convnext") and trigger in ("badnets-white-br", "blend", "additive", "sig"))],
+    *[StudyModel(f"{arch}-clean-s{seed}", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=seed, arch=arch)
+      for arch in ("mobilenetv3", "efficientnet", "vit") for seed in (0, 1)],
 ]}
 DEVELOPMENT = ("fmnist-white-br", "fmnist-checker-br-t3", "fmnist-blend-t5", "fmnist-clean-s0", "fmnist-clean-s1",
                "twenty-white-br-t13")
@@ -141,11 +159,17 @@ def detection_cost(num_classes: int, *, img_size: int = 16, steps: int = 200, to
             "ratio": round(detection / single, 2)}
 
 
-def study_row(name: str, report: ScanReport, seconds: float) -> dict[str, object]:
-    """One row of the study's table: what was planted, both indices, the verdict and the detected target."""
+def study_row(name: str, report: ScanReport, seconds: float, *, backdoor_asr: float | None = None) -> dict[str, object]:
+    """One row of the study's table: what was planted, both indices, the verdict and the detected target.
+
+    ``backdoor_asr``: the model's attack success measured when it was trained (``backdoor.json``); a backdoored
+    model under ``MIN_BACKDOOR_ASR`` is marked ``took: false``.
+    """
     spec = STUDY_MODELS[name]
+    took = None if not spec.backdoored or backdoor_asr is None else backdoor_asr >= MIN_BACKDOOR_ASR
     return {"model": name, "arch": spec.arch, "trigger": spec.trigger if spec.backdoored else "none (clean)",
             "backdoored": spec.backdoored, "target": spec.target if spec.backdoored else None,
+            "backdoor_asr": None if backdoor_asr is None else round(backdoor_asr, 4), "took": took,
             "development": name in DEVELOPMENT, "patch_index": report.ranking[0].anomaly_index,
             "full_index": report.full_anomaly_index, "full_eps": report.full_eps, "full_success": report.full_success,
             "full_target": report.full_target, "threshold": report.threshold, "verdict": report.verdict,
@@ -154,16 +178,64 @@ def study_row(name: str, report: ScanReport, seconds: float) -> dict[str, object
             "patch_ranking": [(r.index, r.mask_l1, r.anomaly_index) for r in report.ranking[:3]]}
 
 
+def match_models(patterns: list[str]) -> list[str]:
+    """Study model names matching ``patterns`` (names or globs), in the study's order; an unmatched one raises."""
+    names: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in STUDY_MODELS if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise UsageError(f"no study model matches {pattern!r} (e.g. {', '.join(list(STUDY_MODELS)[:3])})")
+        names.extend(h for h in hits if h not in names)
+    order = {n: i for i, n in enumerate(STUDY_MODELS)}
+    return sorted(names, key=order.__getitem__)
+
+
+def _trained_asr(folder: Path) -> float | None:
+    info = json.loads((folder / BACKDOOR_NAME).read_text())
+    return info.get("metrics", {}).get("attack_success_rate")
+
+
 def _accuracy(names: list[str], seeds: list[int]) -> None:
     for name in names:
         spec = STUDY_MODELS[name]
-        model = load_model(study_model(name))
+        folder = study_model(name)
+        model = load_model(folder)
+        asr = _trained_asr(folder) if spec.backdoored else None
         for seed in seeds:  # the draw of D: 10 clean test images per class
             data = edit_images(spec.dataset, seed=seed)
             start = time.perf_counter()
             result = scan_model(model, data)
-            print(json.dumps({**study_row(name, result, time.perf_counter() - start), "data_seed": seed}),
-                  flush=True)
+            row = study_row(name, result, time.perf_counter() - start, backdoor_asr=asr)
+            print(json.dumps({**row, "data_seed": seed}), flush=True)
+
+
+def summarize_rows(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Per family and over all: models flagged among the backdoored ones whose backdoor took (TPR), the right
+    target detected among them (flagged or not: what ``agme clean`` without a target would edit), and clean
+    models flagged (FPR). Rows of a backdoor that did not take are counted apart (``not_taken``)."""
+    def tally(group: list[dict[str, object]], family: str) -> dict[str, object]:
+        took = [r for r in group if r["backdoored"] and r.get("took") is not False]
+        clean = [r for r in group if not r["backdoored"]]
+        flagged = sum(r["verdict"] == "backdoor suspected" for r in took)
+        return {"family": family, "backdoored": len(took), "flagged": flagged,
+                "right_target": sum(bool(r["right_target"]) for r in took),
+                "clean": len(clean), "clean_flagged": sum(r["verdict"] == "backdoor suspected" for r in clean),
+                "not_taken": sum(r["backdoored"] and r.get("took") is False for r in group)}
+
+    families = list(dict.fromkeys(str(r["arch"]) for r in rows))
+    return [tally([r for r in rows if r["arch"] == f], f) for f in families] + [tally(rows, "all")]
+
+
+def _summary(path: str, patterns: list[str]) -> None:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}") from None
+    rows = [json.loads(line) for line in lines if line.strip()]
+    if patterns:  # the rows of some models only, e.g. the bench's ('bench-*') and the clean ones ('*-clean-*')
+        rows = [r for r in rows if any(fnmatch.fnmatchcase(str(r["model"]), p) for p in patterns)]
+    for entry in summarize_rows(rows):
+        print(json.dumps(entry), flush=True)
 
 
 def _indices(names: list[str], steps: int = 200, batch_size: int = 64) -> None:
@@ -205,16 +277,20 @@ def main(argv: list[str]) -> None:
     what = argv[0] if argv else "accuracy"
     if what == "accuracy":  # --seeds 0,1: scan each model with these draws of D
         seeds, args = _option(argv[1:], "--seeds", "0")
-        _accuracy(args or list(STUDY_MODELS), _ints(seeds.split(","), "--seeds"))
+        _accuracy(match_models(args) if args else list(STUDY_MODELS), _ints(seeds.split(","), "--seeds"))
+    elif what == "summary":  # summary ROWS.jsonl [MODEL-GLOB...]
+        if len(argv) < 2:
+            raise UsageError("summary needs the rows' file: the output of `accuracy`")
+        _summary(argv[1], argv[2:])
     elif what == "indices":
-        _indices(argv[1:] or list(DEVELOPMENT))
+        _indices(match_models(argv[1:]) if argv[1:] else list(DEVELOPMENT))
     elif what == "cost":  # cost [--img-size N] K...
         size, args = _option(argv[1:], "--img-size", "16")
         (px,) = _ints([size], "--img-size")
         for k in _ints(args, "class counts") or [10, 100, 1000]:
             print({**detection_cost(k, img_size=px), "img_size": px}, flush=True)
     else:
-        raise UsageError(f"unknown study {what!r}: accuracy, indices or cost")
+        raise UsageError(f"unknown study {what!r}: accuracy, summary, indices or cost")
 
 
 if __name__ == "__main__":
