@@ -358,6 +358,13 @@ class LSBTrigger(Trigger):
         return (high | code).astype(np.float32)
 
 
+def _check_surrogate_size(array: np.ndarray, shape: tuple[int, int, int], what: str) -> None:
+    """A surrogate is made at one image size and stamps only images of that size."""
+    if array.shape[:2] != tuple(shape[:2]):
+        raise ShapeMismatchError(f"the surrogate {what} is {array.shape[1]}x{array.shape[0]}, "
+                                 f"images are {shape[1]}x{shape[0]}")
+
+
 @dataclass(frozen=True, eq=False)
 class MaskTrigger(Trigger):
     """A pattern and mask held in memory, e.g. a surrogate reconstructed by trigger inversion.
@@ -376,9 +383,7 @@ class MaskTrigger(Trigger):
         return f"surrogate:{w}x{h}x{c},mask_l1={float(self.mask_array.sum()):.1f}"
 
     def pattern_and_mask(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-        if self.pattern_array.shape[:2] != tuple(shape[:2]):
-            raise ShapeMismatchError(f"the surrogate trigger is {self.pattern_array.shape[1]}x"
-                                     f"{self.pattern_array.shape[0]}, images are {shape[1]}x{shape[0]}")
+        _check_surrogate_size(self.pattern_array, shape, "trigger")
         return self.pattern_array, self.mask_array
 
     def save(self, folder: str | os.PathLike[str]) -> str:
@@ -413,9 +418,7 @@ class RegionTrigger(Trigger):
         return f"surrogate-region:{w}x{h},mask_l1={float(self.mask_array.sum()):.1f}"
 
     def _stamp(self, x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-        if self.mask_array.shape[:2] != tuple(shape[:2]):
-            raise ShapeMismatchError(f"the surrogate region is {self.mask_array.shape[1]}x"
-                                     f"{self.mask_array.shape[0]}, images are {shape[1]}x{shape[0]}")
+        _check_surrogate_size(self.mask_array, shape, "region")
         noise = np.stack([np.random.default_rng((self.seed, zlib.crc32(image.tobytes())))
                           .uniform(0.0, 255.0, image.shape) for image in x]).astype(np.float32)
         return (1.0 - self.mask_array) * x + self.mask_array * noise
@@ -438,9 +441,7 @@ class DeltaTrigger(Trigger):
         return f"surrogate-delta:{w}x{h}x{c},linf={float(np.abs(self.delta_array).max()) / 255.0:.3f}"
 
     def _stamp(self, x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-        if self.delta_array.shape[:2] != tuple(shape[:2]):
-            raise ShapeMismatchError(f"the surrogate perturbation is {self.delta_array.shape[1]}x"
-                                     f"{self.delta_array.shape[0]}, images are {shape[1]}x{shape[0]}")
+        _check_surrogate_size(self.delta_array, shape, "perturbation")
         return x + self.delta_array
 
     def save(self, folder: str | os.PathLike[str]) -> str:

@@ -77,7 +77,7 @@ class Selection:
     folds: int
     table: list[dict[str, float | str | None]]  # one row per (group, lam, protect): held-out CA, TA, ASR, score
     protect: float | None = None  # the repair's null-space constraint (edit.solve_edit), None = the weight only
-    forget: str = "given"  # the set of triggers forgotten: "given", or surrogates such as "patch", "patch+full"
+    forget: str = "given"  # the set of triggers forgotten: "given", or surrogates such as "patch+region+full"
     rule: str = DEFAULT_SELECTION  # how the rows were ranked (_pick)
 
     def describe(self) -> str:

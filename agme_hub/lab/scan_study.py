@@ -91,12 +91,10 @@ STUDY_MODELS: dict[str, StudyModel] = {m.name: m for m in [
     StudyModel("convnext-clean-s3", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=3, arch="convnext"),
     StudyModel("fmnist-clean-s5", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=5),
     StudyModel("convnext-checker-br-t3", "fashion-mnist", "badnets-checker-br", 3, 0.1, arch="convnext"),
+    # the bench's models (ResNet and ConvNeXt with a white patch, blend, additive and SIG added in stop 18; the rest of
+    # the five-family bench in stop 25), and clean models of its other three families (stop 25)
     *[StudyModel(f"bench-{arch}-{trigger}", "fashion-mnist", trigger, 0, 0.1, arch=arch, bench=True)
-      for arch in ("resnet10t", "convnext") for trigger in ("badnets-white-br", "blend", "additive", "sig")],
-    # added in stop 25: the rest of the five-family bench's models, and clean models of its other three families
-    *[StudyModel(f"bench-{arch}-{trigger}", "fashion-mnist", trigger, 0, 0.1, arch=arch, bench=True)
-      for arch in FIVE_FAMILIES for trigger in BENCH_TRIGGERS
-      if not (arch in ("resnet10t", "convnext") and trigger in ("badnets-white-br", "blend", "additive", "sig"))],
+      for arch in FIVE_FAMILIES for trigger in BENCH_TRIGGERS],
     *[StudyModel(f"{arch}-clean-s{seed}", "fashion-mnist", "badnets-white-br", 1, 0.0, seed=seed, arch=arch)
       for arch in ("mobilenetv3", "efficientnet", "vit") for seed in (0, 1)],
 ]}
@@ -231,7 +229,12 @@ def _summary(path: str, patterns: list[str]) -> None:
         lines = Path(path).read_text().splitlines()
     except OSError as err:
         raise UsageError(f"cannot read {path}: {err.strerror}") from None
-    rows = [json.loads(line) for line in lines if line.strip()]
+    try:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is not the output of `accuracy` (one JSON row per line): {err}") from None
+    if any(not isinstance(r, dict) or not {"model", "arch", "backdoored", "verdict"} <= r.keys() for r in rows):
+        raise UsageError(f"{path} is not the output of `accuracy`: a row lacks model, arch, backdoored or verdict")
     if patterns:  # the rows of some models only, e.g. the bench's ('bench-*') and the clean ones ('*-clean-*')
         rows = [r for r in rows if any(fnmatch.fnmatchcase(str(r["model"]), p) for p in patterns)]
     for entry in summarize_rows(rows):
