@@ -14,8 +14,10 @@ __all__ = [
     "DEFAULT_TARGET_WEIGHT", "DEFAULT_REFIT_CLASSIFIER", "DEFAULT_REFIT_LAM", "UNDERDETERMINED_REFIT_LAM",
     "DEFAULT_INVERSION_STEPS",
     "DEFAULT_FOLDS", "DEEP_ENTRY_BLOCKS",
-    "DEFAULT_PROTECT_GRID", "SELECTION_RULES", "DEFAULT_SELECTION", "SELECTION_BAR_MARGIN", "DEFAULT_SURROGATES",
-    "DEFAULT_SURROGATE_EPS", "DEFAULT_SURROGATE_REGION", "DEFAULT_CHOOSE_SURROGATES",
+    "DEFAULT_PROTECT_GRID", "SELECTION_RULES", "DEFAULT_SELECTION", "SELECTION_BAR_MARGIN", "SURROGATE_KINDS",
+    "DEFAULT_SURROGATES", "DEFAULT_SURROGATE_EPS", "DEFAULT_SURROGATE_WARP_PX", "DEFAULT_SURROGATE_WARP_GRID",
+    "WARP_EVIDENCE_MARGIN", "WARP_EVIDENCE_DRAWS",
+    "DEFAULT_SURROGATE_REGION", "DEFAULT_CHOOSE_SURROGATES",
     "MAX_KEY_DIM", "MIN_KEY_BLOCK",
     "BN_RECOMPUTE_BATCH", "BACKDOOR_SUSPECTED_EXIT_CODE", "cache_dir",
     "is_debug", "is_true",
@@ -69,7 +71,8 @@ SELECTION_RULES = ("score", "bar", "soft")
 DEFAULT_SELECTION = "soft"
 SELECTION_BAR_MARGIN = 0.02
 # no-BDK: the surrogate triggers reconstructed (engine/surrogates.py; docs/METHOD.md, issue 12).
-DEFAULT_SURROGATES = ("patch", "full")
+SURROGATE_KINDS = ("patch", "full", "warp")
+DEFAULT_SURROGATES = ("patch", "full", "warp")
 # no-BDK: the patch surrogate is forgotten with its region, its mask filled with fresh noise, and every surrogate
 # is forgotten (the cross-validation no longer chooses among them: it cannot see the real trigger, and chose on
 # differences of its own noise). Stop 25: docs/METHOD.md, "The patch surrogate's place".
@@ -78,6 +81,19 @@ DEFAULT_CHOOSE_SURROGATES = False
 # L-inf bound (of 1) of the full-image surrogate: the blend (alpha 0.1), additive (24/255) and SIG (20/255)
 # triggers of the bench change pixels by up to ~0.08-0.1.
 DEFAULT_SURROGATE_EPS = 0.1
+# The warp surrogate: a field of GRID x GRID control values per axis, each pixel moved at most PX pixels along
+# each axis. WaNet's field moves pixels a fixed number of pixels whatever the image size (its s / 2 times a
+# unit-mean noise); the bench's warp moves them up to 2.03 px (mean 0.79). The grid is finer than WaNet's k = 4.
+DEFAULT_SURROGATE_WARP_PX = 2.0
+DEFAULT_SURROGATE_WARP_GRID = 8
+# The warp surrogate is made and forgotten only on evidence that warps reach the target: fresh random warps of
+# its size (WARP_EVIDENCE_DRAWS per image of D minus the target) must send at least WARP_EVIDENCE_MARGIN more of
+# them to the target than D's natural confusion does. An optimised warp reaches the target on almost any
+# backdoored model (a flow field can draw a trigger), and forgetting it where nothing warps cost CA and moved
+# the cross-validation off the layers that forget stickers. Stop 26, on the 50 bench models: a warp backdoor
+# 10.4-40.3 pt above natural confusion, every other model at most 6.0 (docs/METHOD.md).
+WARP_EVIDENCE_MARGIN = 0.08
+WARP_EVIDENCE_DRAWS = 5
 
 # Memory of the edit. It keeps four (d, d) float64 Gram matrices per layer and fold; d = 8192 is 0.5 GiB
 # each. Keys up to MAX_KEY_DIM wide are solved whole; wider ones in diagonal blocks of MAX_KEY_DIM^2 / d

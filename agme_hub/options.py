@@ -21,7 +21,7 @@ from typing import Any, get_type_hints
 from .constants import (DEFAULT_AUGMENT_COPIES, DEFAULT_CHOOSE_SURROGATES, DEFAULT_FOLDS, DEFAULT_GAMMA,
                         DEFAULT_INVERSION_STEPS, DEFAULT_LAM_GRID, DEFAULT_PROTECT_GRID, DEFAULT_REFIT_CLASSIFIER,
                         DEFAULT_REFIT_LAM, DEFAULT_SELECTION, DEFAULT_SURROGATE_REGION, DEFAULT_SURROGATES,
-                        DEFAULT_TARGET_WEIGHT, SELECTION_RULES)
+                        DEFAULT_TARGET_WEIGHT, SELECTION_RULES, SURROGATE_KINDS)
 from .devices import check_device_spec
 from .errors import UsageError
 
@@ -80,7 +80,8 @@ class MethodOptions:
         "ASR if none is).", group="Method", flag=False)
     surrogates: tuple[str, ...] = _opt(
         DEFAULT_SURROGATES, "no-BDK: the surrogate triggers reconstructed (patch: mask + pattern; full: a bounded "
-        "full-image perturbation); all are forgotten together unless choose_surrogates.", group="Method", flag=False)
+        "full-image perturbation; warp: a smooth displacement field, made only where random warps reach the "
+        "target); all are forgotten together unless choose_surrogates.", group="Method", flag=False)
     choose_surrogates: bool = _opt(
         DEFAULT_CHOOSE_SURROGATES, "no-BDK: let the cross-validation choose which surrogates to forget (each alone or "
         "all together) instead of forgetting all of them.", group="Method", flag=False)
@@ -131,9 +132,10 @@ class MethodOptions:
         if self.selection not in SELECTION_RULES:
             raise UsageError(f"selection must be one of {', '.join(SELECTION_RULES)}, got {self.selection!r}")
         kinds = (self.surrogates,) if isinstance(self.surrogates, str) else self.surrogates
-        if not isinstance(kinds, (list, tuple)) or not kinds or any(k not in ("patch", "full") for k in kinds) \
+        if not isinstance(kinds, (list, tuple)) or not kinds or any(k not in SURROGATE_KINDS for k in kinds) \
                 or len(set(kinds)) != len(kinds):
-            raise UsageError(f"surrogates must be distinct names among patch, full, got {self.surrogates!r}")
+            raise UsageError(f"surrogates must be distinct names among {', '.join(SURROGATE_KINDS)}, "
+                             f"got {self.surrogates!r}")
         object.__setattr__(self, "surrogates", tuple(kinds))
         for share in self.protect_grid:
             if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))

@@ -13,7 +13,8 @@ code). ``PRESETS`` holds the six BadNets variants.
 
 Two forms are not stamps described by fields (:mod:`agme_hub.trigger_forms`): ``python:pkg.module:function``
 (or a Python function) is the user's own transform, e.g. a warp, and a ``PairedTrigger`` holds triggered
-twins given as images (``--triggered-data``).
+twins given as images (``--triggered-data``). The triggers agme reconstructs itself, held as arrays, are in
+:mod:`agme_hub.surrogate_triggers`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import json
 import math
 import os
 import re
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,8 +34,7 @@ import numpy as np
 from .errors import ShapeMismatchError, TriggerSpecError
 
 __all__ = [
-    "Trigger", "MaskTrigger", "DeltaTrigger", "RegionTrigger", "PatchTrigger", "BlendTrigger", "ImageTrigger", "AdditiveTrigger",
-    "SIGTrigger", "LSBTrigger",
+    "Trigger", "PatchTrigger", "BlendTrigger", "ImageTrigger", "AdditiveTrigger", "SIGTrigger", "LSBTrigger",
     "parse_trigger", "PRESETS", "TRIGGER_KINDS", "CALLABLE_PREFIX",
 ]
 
@@ -357,100 +356,6 @@ class LSBTrigger(Trigger):
         high = x.astype(np.uint8) & np.uint8(0xFF ^ (2 ** self.bits - 1))
         return (high | code).astype(np.float32)
 
-
-def _check_surrogate_size(array: np.ndarray, shape: tuple[int, int, int], what: str) -> None:
-    """A surrogate is made at one image size and stamps only images of that size."""
-    if array.shape[:2] != tuple(shape[:2]):
-        raise ShapeMismatchError(f"the surrogate {what} is {array.shape[1]}x{array.shape[0]}, "
-                                 f"images are {shape[1]}x{shape[0]}")
-
-
-@dataclass(frozen=True, eq=False)
-class MaskTrigger(Trigger):
-    """A pattern and mask held in memory, e.g. a surrogate reconstructed by trigger inversion.
-
-    ``pattern`` is float ``(H, W, C)`` in [0, 255], ``mask`` float ``(H, W, 1)`` in [0, 1]; ``save`` writes
-    them as PNGs that an ``image:pattern=...,mask=...`` spec reads back.
-    """
-
-    kind: ClassVar[str] = "mask"
-    pattern_array: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1), np.float32))
-    mask_array: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1), np.float32))
-
-    @property
-    def spec(self) -> str:
-        h, w, c = self.pattern_array.shape
-        return f"surrogate:{w}x{h}x{c},mask_l1={float(self.mask_array.sum()):.1f}"
-
-    def pattern_and_mask(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-        _check_surrogate_size(self.pattern_array, shape, "trigger")
-        return self.pattern_array, self.mask_array
-
-    def save(self, folder: str | os.PathLike[str]) -> str:
-        from PIL import Image
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        pattern = np.clip(np.rint(self.pattern_array), 0, 255).astype(np.uint8)
-        mask = np.clip(np.rint(self.mask_array[..., 0] * 255), 0, 255).astype(np.uint8)
-        Image.fromarray(pattern[..., 0] if pattern.shape[-1] == 1 else pattern).save(folder / "surrogate_pattern.png")
-        Image.fromarray(mask).save(folder / "surrogate_mask.png")
-        return f"image:pattern={folder / 'surrogate_pattern.png'},mask={folder / 'surrogate_mask.png'}"
-
-
-@dataclass(frozen=True, eq=False)
-class RegionTrigger(Trigger):
-    """The place of a surrogate patch with fresh uniform noise in it: what any sticker there could show.
-
-    ``mask`` is float ``(H, W, 1)`` in [0, 1] (a patch surrogate's). Each image gets its own noise, drawn from
-    ``seed`` and the image's own bytes, so an image and its augmented copies get different noise, and the same
-    image always the same (the edit is deterministic). It has no file form: it is made from the patch
-    surrogate whenever it is needed.
-    """
-
-    kind: ClassVar[str] = "region"
-    mask_array: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1), np.float32))
-    seed: int = 0
-
-    @property
-    def spec(self) -> str:
-        h, w, _ = self.mask_array.shape
-        return f"surrogate-region:{w}x{h},mask_l1={float(self.mask_array.sum()):.1f}"
-
-    def _stamp(self, x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-        _check_surrogate_size(self.mask_array, shape, "region")
-        noise = np.stack([np.random.default_rng((self.seed, zlib.crc32(image.tobytes())))
-                          .uniform(0.0, 255.0, image.shape) for image in x]).astype(np.float32)
-        return (1.0 - self.mask_array) * x + self.mask_array * noise
-
-
-@dataclass(frozen=True, eq=False)
-class DeltaTrigger(Trigger):
-    """A full-image perturbation held in memory, e.g. a surrogate reconstructed without the trigger.
-
-    ``delta_array`` is float ``(H, W, C)`` in pixel units (of 255): ``x' = clip(x + delta)``. ``save`` writes it
-    as a ``.npy`` (in units of 1) that an ``additive:delta=...npy,eps=...`` spec reads back.
-    """
-
-    kind: ClassVar[str] = "delta"
-    delta_array: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1), np.float32))
-
-    @property
-    def spec(self) -> str:
-        h, w, c = self.delta_array.shape
-        return f"surrogate-delta:{w}x{h}x{c},linf={float(np.abs(self.delta_array).max()) / 255.0:.3f}"
-
-    def _stamp(self, x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-        _check_surrogate_size(self.delta_array, shape, "perturbation")
-        return x + self.delta_array
-
-    def save(self, folder: str | os.PathLike[str]) -> str:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "surrogate_delta.npy"
-        np.save(path, (self.delta_array / 255.0).astype(np.float32), allow_pickle=False)
-        eps = max(float(np.abs(self.delta_array).max()) / 255.0, 1e-6)
-        return f"additive:delta={path},eps={eps:.6f}"
 
 CALLABLE_PREFIX = "python:"  # the one spec that imports code (trigger_forms.CallableTrigger): named explicitly
 CALLABLE_REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")

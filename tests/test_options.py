@@ -94,7 +94,7 @@ def test_bad_values_are_usage_errors(bad):
 
 
 @pytest.mark.parametrize("bad", [{"folds": 1}, {"lam_grid": ()}, {"lam_grid": (0.1, math.nan)}, {"flip": "yes"},
-                                 {"surrogates": ()}, {"surrogates": ("patch", "warp")},
+                                 {"surrogates": ()}, {"surrogates": ("patch", "curve")},
                                  {"surrogates": ("full", "full")}, {"surrogate_region": "yes"},
                                  {"choose_surrogates": 1}])
 def test_bad_engine_only_values_are_usage_errors(bad):

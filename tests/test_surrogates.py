@@ -16,8 +16,9 @@ from agme_hub.constants import DEFAULT_SURROGATE_EPS
 from agme_hub.data import split_edit_eval
 from agme_hub.engine.clean import evaluate
 from agme_hub.engine.edit import GramStats, forget_sum, solve_edit
-from agme_hub.engine.surrogates import forget_sets
-from agme_hub.triggers import DeltaTrigger, MaskTrigger, RegionTrigger
+from agme_hub.engine.surrogates import Surrogate, forget_sets
+from agme_hub.lab.warps import WANET_GRID, warp_grid, wanet_warp
+from agme_hub.surrogate_triggers import DeltaTrigger, MaskTrigger, RandomWarpTrigger, RegionTrigger, WarpTrigger
 
 from .conftest import TEST_TARGET
 
@@ -67,6 +68,47 @@ def test_a_region_is_the_patch_surrogates_place_with_fresh_noise_on_every_image(
     assert region.spec == "surrogate-region:8x8,mask_l1=9.0" and patch.pattern_and_mask((8, 8, 1))[1] is mask
 
 
+def test_a_warp_surrogate_resamples_images_as_grid_sample_does(fmnist_test):
+    """``WarpTrigger`` given WaNet's own field (in pixels) reproduces the torch warp bit for bit."""
+    images = fmnist_test.images[:20]
+    field = ((warp_grid(28, 28) - warp_grid(28, 28, strength=0.0))[0] * 27 / 2).numpy()  # [-1, 1] -> pixels
+    warp = WarpTrigger(field_array=field)
+    assert np.array_equal(warp.apply(images), wanet_warp(images))
+    assert warp.spec == "surrogate-warp:28x28,max_px=2.03"
+
+
+def test_any_warp_is_a_fresh_smooth_field_on_every_image(fmnist_test):
+    """Each image its own field, the same image always the same; nothing moves at 0 px, more moves at 2 px."""
+    images = fmnist_test.images[:8].copy()
+    images[7] = images[0]
+    warps = RandomWarpTrigger(max_px=2.0, grid=2 * WANET_GRID, seed=0)
+    stamped = warps.apply(images)
+    assert np.array_equal(stamped[0], stamped[7]) and np.array_equal(stamped, warps.apply(images))
+    assert np.array_equal(RandomWarpTrigger(max_px=0.0).apply(images), images)
+    one = np.stack([images[1]] * 2)
+    one[1, 0, 0] ^= 1  # one pixel differs: another draw of the field
+    twice = warps.apply(one)
+    moved = np.abs(twice[0].astype(int) - twice[1].astype(int)).mean()
+    assert moved > 5 and np.abs(stamped.astype(int) - images).mean() > 5
+    assert not np.array_equal(RandomWarpTrigger(max_px=2.0, seed=1).apply(images[:1]), stamped[:1])
+
+
+def test_a_warp_surrogate_is_forgotten_with_random_warps_of_its_size():
+    """The default forget set holds every surrogate, the patch with its region and the warp with any warp."""
+    def made(kind: str, trigger) -> Surrogate:
+        return Surrogate(kind, trigger, success=1.0, size=1.5, seconds=0.0)
+
+    surrogates = {"patch": made("patch", MaskTrigger(pattern_array=np.zeros((8, 8, 1), np.float32),
+                                                     mask_array=np.ones((8, 8, 1), np.float32))),
+                  "full": made("full", DeltaTrigger(delta_array=np.ones((8, 8, 1), np.float32))),
+                  "warp": made("warp", WarpTrigger(field_array=np.ones((8, 8, 2), np.float32)))}
+    (name, every), = forget_sets(surrogates, region=True, choose=False, seed=3).items()
+    assert name == "patch+region+full+warp+random-warp"
+    assert [type(t) for t in every] == [MaskTrigger, RegionTrigger, DeltaTrigger, WarpTrigger, RandomWarpTrigger]
+    assert every[4].max_px == 1.5 and every[4].seed == 3 and every[3] is surrogates["warp"].trigger
+    assert set(forget_sets(surrogates)) == {"patch", "full", "warp", "patch+full+warp"}
+
+
 def test_full_image_surrogate_is_bounded_and_reaches_the_target(no_bdk_cleaned, split):
     """The full-image surrogate no-BDK reconstructs (``invert_perturbation``) for the SIG model, as ``clean`` made it."""
     edit, _ = split
@@ -92,6 +134,8 @@ def test_no_bdk_removes_patch_and_full_image_backdoors(backdoored, no_bdk_cleane
     before = evaluate(model, held, trigger, TEST_TARGET)
     after = evaluate(result.model, held, trigger, TEST_TARGET)  # measured with the real trigger
     assert result.mode == "no-bdk" and {s.kind for s in result.surrogates} == {"patch", "full"}
+    # random warps do not reach the target of a patch or SIG backdoor: no warp surrogate is made
+    assert result.warp_evidence is not None and not result.warp_evidence.found
     assert result.selection is not None and result.selection.forget == "patch+region+full"
     assert before.attack_success_rate > 0.9
     assert after.attack_success_rate < 0.05, (result.selection.describe(), after)

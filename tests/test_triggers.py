@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from agme_hub.errors import ShapeMismatchError, TriggerSpecError
-from agme_hub.triggers import (PRESETS, AdditiveTrigger, BlendTrigger, DeltaTrigger, LSBTrigger, PatchTrigger,
-                               SIGTrigger, parse_trigger)
+from agme_hub.surrogate_triggers import DeltaTrigger
+from agme_hub.triggers import PRESETS, AdditiveTrigger, BlendTrigger, LSBTrigger, PatchTrigger, SIGTrigger, parse_trigger
 
 from .helpers import write_png
 

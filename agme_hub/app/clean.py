@@ -43,7 +43,8 @@ from ..progress import ProgressCallback, StageCounter
 from ..report import (CleanReport, DataRecord, Evaluation, MethodRecord, MetricValues, PlannedPush, Provenance,
                       PushRecord, SourceInfo, TargetRecord, TriggerRecord)
 from ..trigger_forms import PairedTrigger
-from ..triggers import DeltaTrigger, MaskTrigger, Trigger, parse_trigger
+from ..surrogate_triggers import DeltaTrigger, MaskTrigger
+from ..triggers import Trigger, parse_trigger
 
 __all__ = ["run_clean", "push_output", "inspect_source", "evaluate_source",
            "resolve_target", "default_output_dir", "library_versions", "SURROGATE_DIR", "NO_EVIDENCE_NOTE",

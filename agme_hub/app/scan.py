@@ -31,7 +31,7 @@ from ..progress import ProgressCallback, StageCounter
 from ..hub.checkpoint import atomic_output_dir, label_names, load_model, model_config
 from ..hub.outputs import check_output_dir, check_output_overlap, check_output_writable
 from ..hub.sources import resolve_source
-from ..triggers import DeltaTrigger, MaskTrigger
+from ..surrogate_triggers import DeltaTrigger, MaskTrigger
 
 __all__ = ["ScanReport", "SuspectedTarget", "RankedClass", "run_scan", "scan_model", "SCAN_REPORT_NAME",
            "SUSPECTED", "NO_EVIDENCE"]

@@ -34,7 +34,7 @@ from .metrics import Metrics, measure, measured_images, predict
 from .repair import collect_refit_stats, refit_ridge, solve_refit
 from .replay import CachedBoundary, reads_from
 from .select import RefitTrial, Selection, _cross_validate, capture_layer, walk_to
-from .surrogates import Surrogate, forget_sets, reconstruct_surrogates
+from .surrogates import Surrogate, WarpEvidence, forget_sets, reconstruct_surrogates, warp_evidence
 
 __all__ = ["clean", "evaluate", "CleanResult", "Selection", "Timings", "inspect_layers"]
 
@@ -89,6 +89,7 @@ class CleanResult:
     batch_size: int = 0  # images per forward pass it used
     refitted: str | None = None  # the classifier re-fitted by the repair's second pass (engine/repair.py), if any
     surrogates: tuple[Surrogate, ...] = ()  # no-BDK: every surrogate reconstructed
+    warp_evidence: WarpEvidence | None = None  # no-BDK: whether random warps reach the target (a warp surrogate made)
     forgotten: tuple[Trigger, ...] = ()  # the triggers the edit forgot (the given one, or the chosen surrogates)
     # False when neither trigger nor target was given and detection found no evidence of a backdoor: an edit
     # against the surrogate of an ordinary class could only cost accuracy, so the model is returned unchanged.
@@ -105,6 +106,7 @@ class _TriggerChoice:
     seconds: float | None
     forget: dict[str, tuple[Trigger, ...]]  # the sets of triggers an edit may forget together (one when given)
     surrogates: tuple[Surrogate, ...] = ()
+    warp_evidence: WarpEvidence | None = None
     scored: tuple[Trigger, ...] = ()  # held-out surrogates: the cross-validation's ASR, never forgotten
 
 
@@ -189,7 +191,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *,
                            gamma=method.gamma, target_weight=weight, augment_copies=method.augment_copies,
                            bn_stats=method.bn_stats, seed=method.seed, n_edit_images=len(data), selection=None,
                            candidates=None, timings=Timings(inversion=chosen.seconds), device=str(run_on),
-                           batch_size=batch, surrogates=chosen.surrogates, edited=False)
+                           batch_size=batch, surrogates=chosen.surrogates, warp_evidence=chosen.warp_evidence,
+                           edited=False)
     layers = _choose_layers(original, data, chosen, method=method, preprocess=preprocess, weight=weight, batch=batch,
                             progress=progress, replay=replay)
     if layers.selection is not None:  # the weight the cross-validation chose, where it was offered several
@@ -222,7 +225,8 @@ def clean(model: torch.nn.Module, data: ImageSet, *,
                        augment_copies=method.augment_copies, bn_stats=method.bn_stats, seed=method.seed,
                        n_edit_images=len(data), selection=layers.selection, candidates=layers.candidates,
                        timings=timings, unrepaired_model=unrepaired, protect=layers.protect, device=str(run_on),
-                       batch_size=batch, refitted=refitted, surrogates=chosen.surrogates, forgotten=layers.forget)
+                       batch_size=batch, refitted=refitted, surrogates=chosen.surrogates,
+                       warp_evidence=chosen.warp_evidence, forgotten=layers.forget)
 
 
 def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigger | None, target: int | None, *,
@@ -252,17 +256,23 @@ def _choose_trigger(model: torch.nn.Module, data: ImageSet, trigger: str | Trigg
         if not detection.flagged:  # no evidence: clean() returns the model unchanged, no surrogate is needed
             return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=patch.trigger, target=target,
                                   detection=detection, seconds=time.perf_counter() - start, forget={})
-    surrogates = reconstruct_surrogates(model, data, target, method.surrogates, steps=method.inversion_steps,
+    kinds, evidence = method.surrogates, None
+    if "warp" in kinds and len(kinds) > 1:  # a warp surrogate only where warps reach the target (constants.py)
+        evidence = warp_evidence(model, data, target, seed=method.seed, batch_size=batch)
+        if not evidence.found:
+            kinds = tuple(k for k in kinds if k != "warp")
+            steps.advance(method.inversion_steps * (2 if method.held_out_surrogates else 1))  # the skipped runs
+    surrogates = reconstruct_surrogates(model, data, target, kinds, steps=method.inversion_steps,
                                         seed=method.seed, patch=patch, eval_batch_size=batch, progress=steps)
     scored: tuple[Surrogate, ...] = ()
     if method.held_out_surrogates:  # another draw of each kind, to score the trials with a trigger they did not forget
-        scored = tuple(reconstruct_surrogates(model, data, target, method.surrogates, steps=method.inversion_steps,
+        scored = tuple(reconstruct_surrogates(model, data, target, kinds, steps=method.inversion_steps,
                                               seed=method.seed + 1, eval_batch_size=batch, progress=steps).values())
     return _TriggerChoice(mode="no-bdk", kind="surrogate", trigger=next(iter(surrogates.values())).trigger,
                           target=target, detection=detection, seconds=time.perf_counter() - start,
                           forget=forget_sets(surrogates, region=method.surrogate_region,
                                              choose=method.choose_surrogates, seed=method.seed),
-                          surrogates=tuple(surrogates.values()),
+                          surrogates=tuple(surrogates.values()), warp_evidence=evidence,
                           scored=tuple(s.trigger for s in scored))
 
 

@@ -53,7 +53,7 @@ from ..data import ImageSet, Preprocessor
 from ..devices import model_device
 from ..errors import DataError
 from ..progress import StageCounter
-from ..triggers import DeltaTrigger
+from ..surrogate_triggers import DeltaTrigger
 from .inversion import FullImageEvidence, TargetDetection, anomaly_indices, frozen, invert_trigger
 
 __all__ = ["Screening", "FullScreening", "screen_classes", "screen_full", "prescreen", "detect_target_fast",

@@ -13,7 +13,7 @@ than the others.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,10 +26,10 @@ from ..data import ImageSet, Preprocessor
 from ..devices import model_device
 from ..errors import DataError
 from ..progress import StageCounter
-from ..triggers import DeltaTrigger, MaskTrigger
+from ..surrogate_triggers import DeltaTrigger, MaskTrigger
 
 __all__ = ["Inversion", "FullImageEvidence", "TargetDetection", "invert_trigger", "anomaly_indices", "frozen",
-           "other_class_images"]
+           "optimise", "other_class_images"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,21 @@ def other_class_images(model: torch.nn.Module, data: ImageSet, target: int
     return Preprocessor.from_model(model), device, Preprocessor.to_unit(data.images[keep]).to(device)
 
 
+def optimise(loss_of: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, *, steps: int,
+             rows: int, batch_size: int, generator: torch.Generator, device: torch.device,
+             progress: StageCounter | None = None) -> None:
+    """``steps`` optimiser steps on ``loss_of(idx)``, each on a minibatch of ``rows`` drawn from ``generator``
+    (on the CPU, so a seed gives the same draws on every device): the loop every inversion shares."""
+    for _ in range(steps):
+        idx = torch.randint(0, rows, (min(batch_size, rows),), generator=generator).to(device)
+        loss = loss_of(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress.advance()
+
+
 def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps: int = DEFAULT_INVERSION_STEPS,
                    lr: float = 0.1, beta: float = 0.2, batch_size: int = 64, seed: int = 0,
                    eval_batch_size: int = 256, progress: StageCounter | None = None) -> Inversion:
@@ -113,19 +128,16 @@ def invert_trigger(model: torch.nn.Module, data: ImageSet, target: int, *, steps
     pattern_logit.requires_grad_(True)
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=lr, betas=(0.5, 0.9))
     labels = torch.full((n,), target, dtype=torch.long, device=device)
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
+        stamped = (1 - mask) * x[idx] + mask * pattern
+        # beta * mean(m), written as the sum over h*w pixels: this order of float32 operations gives the
+        # same masks, bit for bit, as the runs measured before beta absorbed a factor of 10 (0.02 * 10).
+        return F.cross_entropy(model(preprocess.from_unit(stamped)), labels[idx]) + beta * mask.sum() / (h * w)
+
     with frozen(model):  # gradients reach the trigger only
-        for _ in range(steps):
-            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(device)
-            mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-            stamped = (1 - mask) * x[idx] + mask * pattern
-            # beta * mean(m), written as the sum over h*w pixels: this order of float32 operations gives the
-            # same masks, bit for bit, as the runs measured before beta absorbed a factor of 10 (0.02 * 10).
-            loss = F.cross_entropy(model(preprocess.from_unit(stamped)), labels[idx]) + beta * mask.sum() / (h * w)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if progress is not None:
-                progress.advance()
+        optimise(loss_of, optimizer, steps=steps, rows=n, batch_size=batch_size, generator=generator, device=device,
+                 progress=progress)
         with torch.no_grad():
             mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
             preds = torch.cat([model(preprocess.from_unit((1 - mask) * x[i:i + eval_batch_size] + mask * pattern)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["warp_grid", "make_warp", "wanet_warp", "WANET_GRID", "WANET_STRENGTH", "WANET_SEED"]
+__all__ = ["warp_grid", "make_warp", "wanet_warp", "other_warp", "WANET_GRID", "WANET_STRENGTH", "WANET_SEED"]
 
 WANET_GRID = 4  # WaNet's k: control points per side of the random field
 WANET_STRENGTH = 2.0  # WaNet's s is 0.5; a stronger field is learnt by a small model in a few epochs
@@ -62,6 +62,15 @@ _DEFAULT = make_warp()
 def wanet_warp(images: np.ndarray) -> np.ndarray:
     """The default WaNet-style warp (``WANET_GRID``, ``WANET_STRENGTH``, ``WANET_SEED``) of uint8 ``(N, H, W, C)``."""
     return _DEFAULT(images)
+
+
+_OTHER = make_warp(grid=6, strength=WANET_STRENGTH, seed=1)
+
+
+def other_warp(images: np.ndarray) -> np.ndarray:
+    """A second warp, made after agme's warp surrogate was fixed, to check it on a field it was not set from: another
+    seed and a finer field (k = 6), which moves pixels up to 2.37 px at 28 px, past the surrogate's 2-px bound."""
+    return _OTHER(images)
 
 
 if __name__ == "__main__":  # how far the warp moves pixels, and how much it changes 28 px Fashion-MNIST images
