@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .constants import DEFAULT_SURROGATE_WARP_GRID, DEFAULT_SURROGATE_WARP_PX
 from .errors import ShapeMismatchError
 from .triggers import Trigger
 
@@ -123,6 +124,7 @@ class DeltaTrigger(Trigger):
         eps = max(float(np.abs(self.delta_array).max()) / 255.0, 1e-6)
         return f"additive:delta={path},eps={eps:.6f}"
 
+
 @dataclass(frozen=True, eq=False)
 class WarpTrigger(Trigger):
     """A smooth displacement of every pixel held in memory, e.g. a warp surrogate reconstructed without the trigger.
@@ -142,7 +144,7 @@ class WarpTrigger(Trigger):
 
     def _stamp(self, x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
         _check_surrogate_size(self.field_array, shape, "warp")
-        return np.stack([_resample(image, self.field_array) for image in x])
+        return _resample(x, self.field_array)  # one field: every image at once
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,8 +157,8 @@ class RandomWarpTrigger(Trigger):
     """
 
     kind: ClassVar[str] = "random-warp"
-    max_px: float = 2.0
-    grid: int = 8
+    max_px: float = DEFAULT_SURROGATE_WARP_PX
+    grid: int = DEFAULT_SURROGATE_WARP_GRID
     seed: int = 0
 
     @property
@@ -181,16 +183,16 @@ def _linear_upsampler(grid: int, size: int) -> np.ndarray:
     return np.stack([np.interp(at, np.arange(grid), np.eye(grid)[k]) for k in range(grid)], axis=1)
 
 
-def _resample(image: np.ndarray, field_hw2: np.ndarray) -> np.ndarray:
-    """``image`` (H, W, C) read at each pixel plus its displacement (x, then y), bilinearly, edges repeated: what
-    ``grid_sample(..., align_corners=True, padding_mode="border")`` computes."""
-    h, w = image.shape[:2]
+def _resample(images: np.ndarray, field_hw2: np.ndarray) -> np.ndarray:
+    """``images`` (H, W, C) or (N, H, W, C) read at each pixel plus its displacement (x, then y), bilinearly,
+    edges repeated: what ``grid_sample(..., align_corners=True, padding_mode="border")`` computes."""
+    h, w = images.shape[-3:-1]
     rows, cols = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
     src_x = np.clip(cols + field_hw2[..., 0], 0, w - 1)
     src_y = np.clip(rows + field_hw2[..., 1], 0, h - 1)
     x0, y0 = np.floor(src_x).astype(int), np.floor(src_y).astype(int)
     x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
     fx, fy = (src_x - x0)[..., None], (src_y - y0)[..., None]
-    top = (1 - fx) * image[y0, x0] + fx * image[y0, x1]
-    bottom = (1 - fx) * image[y1, x0] + fx * image[y1, x1]
+    top = (1 - fx) * images[..., y0, x0, :] + fx * images[..., y0, x1, :]
+    bottom = (1 - fx) * images[..., y1, x0, :] + fx * images[..., y1, x1, :]
     return (1 - fy) * top + fy * bottom

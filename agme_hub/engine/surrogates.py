@@ -45,7 +45,7 @@ from ..progress import StageCounter
 from ..surrogate_triggers import DeltaTrigger, RandomWarpTrigger, RegionTrigger, WarpTrigger
 from ..triggers import Trigger
 from .inversion import Inversion, frozen, invert_trigger, optimise, other_class_images
-from .metrics import predict
+from .metrics import natural_confusion, predict
 
 __all__ = ["SURROGATE_KINDS", "Surrogate", "invert_perturbation", "invert_warp", "WarpEvidence", "warp_evidence",
            "reconstruct_surrogates", "forget_sets"]
@@ -162,7 +162,7 @@ def warp_evidence(model: torch.nn.Module, data: ImageSet, target: int, *, max_px
     if len(others) == 0:
         raise DataError(f"the warp evidence for class {target} needs images of other classes")
     preprocess = Preprocessor.from_model(model)
-    natural = float((predict(model, others, preprocess, batch_size=batch_size) == target).mean())
+    natural = natural_confusion(model, data, preprocess, target, batch_size=batch_size)
     warped = np.mean([predict(model, others, preprocess, trigger=RandomWarpTrigger(max_px=max_px, grid=grid,
                                                                                    seed=seed + draw),
                               batch_size=batch_size) == target for draw in range(draws)])
